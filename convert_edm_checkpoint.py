@@ -1,0 +1,51 @@
+"""Convert an NVlabs EDM network (SongUNet = DDPM++/NCSN++, DhariwalUNet = ADM) into an EchoDiff model folder.
+
+Examples:
+  python convert_edm_checkpoint.py edm_net.pt out/ddpmpp-converted
+  PYTHONPATH=/path/to/edm python convert_edm_checkpoint.py network-snapshot-010000.pkl out/adm --arch adm
+
+The name table and its rules are in docs/edm_checkpoint_mapping.md.
+"""
+
+import argparse
+import json
+import logging
+
+from pipelines.convert_edm import convert_edm_checkpoint
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE (VALUE as JSON), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string such as embedding_type=fourier
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Pickles execute code when loaded: a .pkl is only ever read from the path you pass here, and only "
+               "with your own EDM checkout (dnnlib, torch_utils) on PYTHONPATH. Prefer a .pt state_dict saved "
+               "with torch.save(net.state_dict(), path), which is read with torch.load(weights_only=True).",
+    )
+    parser.add_argument("checkpoint", help="EDM network: state_dict .pt/.pth, .safetensors, or network-snapshot-*.pkl")
+    parser.add_argument("out_dir", help="output folder for the diffusers model (config.json + safetensors)")
+    parser.add_argument("--arch", choices=["adm", "ddpmpp", "ncsnpp"], default=None,
+                        help="expected architecture (checked against the tensors; inferred when omitted)")
+    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                        help="config field not stored in the weights, e.g. dropout=0.05 or channels_per_head=64")
+    parser.add_argument("--drop-augment", action="store_true",
+                        help="drop EDM's map_augment.weight (augmentation conditioning) instead of refusing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model = convert_edm_checkpoint(args.checkpoint, args.out_dir, arch=args.arch, drop_augment=args.drop_augment,
+                                   **dict(args.overrides))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.checkpoint} -> {args.out_dir}: {type(model).__name__}, {n_params:,} parameters")
+
+
+if __name__ == "__main__":
+    main()
