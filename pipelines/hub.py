@@ -1,0 +1,131 @@
+"""Model card rendering and Hub upload for saved EchoDiff pipelines.
+
+``push_pipeline(pipe_or_folder, "user/echodiff-adm-edm", metrics={"FID-50k": 3.75})`` saves the pipeline
+(remote-code layout, see ``EchoDiffPipeline.save_pretrained``), renders ``model_cards/echodiff_model_card.md``
+with huggingface_hub's ``ModelCard`` (metrics go to the card's ``model-index``) and uploads the folder.
+The ``HfApi`` is injectable, so the whole path runs offline in tests.
+"""
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from safetensors import safe_open
+
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "echodiff_model_card.md"
+DEFAULT_TAGS = ["diffusers", "echodiff", "edm", "unconditional-image-generation", "medical-imaging", "echocardiography"]
+DEFAULT_DATASET = ("echonet-dynamic", "EchoNet-Dynamic frames (1 in 5, 64x64)")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected a folder written by EchoDiffPipeline.save_pretrained")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _count_parameters(folder: Path) -> int | None:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            for key in weights.keys():
+                count = 1
+                for size in weights.get_slice(key).get_shape():
+                    count *= size
+                total += count
+    return total
+
+
+def describe_pipeline_folder(folder: str | os.PathLike) -> dict:
+    """Facts about a saved pipeline for its model card (network, sizes, preconditioning, sampler)."""
+    folder = Path(folder)
+    index = _read_json(folder / "model_index.json")
+    unet_config = _read_json(folder / "unet" / "config.json")
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    size = unet_config.get("sample_size")
+    resolution = f"{size}x{size}" if isinstance(size, int) else "x".join(str(s) for s in size or [])
+    num_parameters = _count_parameters(folder / "unet")
+    return {
+        "pipeline_class": index["_class_name"][-1] if isinstance(index["_class_name"], list) else index["_class_name"],
+        "network_class": unet_config.get("_class_name", index.get("unet", [None, "?"])[1]),
+        "num_parameters": f"{num_parameters:,}" if num_parameters is not None else "unknown",
+        "resolution": resolution,
+        "channels": unet_config.get("in_channels"),
+        "label_dim": unet_config.get("label_dim", 0),
+        "preconditioning": scheduler_config.get("preconditioning", "edm"),
+        "solver": scheduler_config.get("solver", "heun"),
+        "discretization": scheduler_config.get("discretization", "edm"),
+        "s_churn": scheduler_config.get("s_churn", 0.0),
+        "has_discriminator": bool(index.get("discriminator") and index["discriminator"][0]),
+    }
+
+
+def _metric_type(name: str) -> str:
+    """'FID-50k (30 steps)' -> 'fid': the metric's leading word, lower case."""
+    match = re.match(r"[A-Za-z0-9]+", name)
+    if not match:
+        raise ValueError(f"metric name {name!r} must start with a letter or digit")
+    return match.group(0).lower()
+
+
+def build_card_data(model_name: str, metrics: Mapping[str, float] | None = None, card_data: Mapping | None = None,
+                    dataset_type: str = DEFAULT_DATASET[0], dataset_name: str = DEFAULT_DATASET[1]) -> ModelCardData:
+    """``ModelCardData`` for an EchoDiff model; ``metrics`` ({name: value}) become model-index eval results."""
+    fields = {"library_name": "diffusers", "pipeline_tag": "unconditional-image-generation", "tags": list(DEFAULT_TAGS),
+              "model_name": model_name}
+    fields.update(card_data or {})
+    eval_results = []
+    for name, value in (metrics or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"metrics[{name!r}] must be a number, got {value!r}")
+        eval_results.append(EvalResult(task_type="unconditional-image-generation", dataset_type=dataset_type,
+                                       dataset_name=dataset_name, metric_type=_metric_type(name), metric_name=name,
+                                       metric_value=float(value)))
+    if eval_results:
+        fields["eval_results"] = eval_results
+    return ModelCardData(**fields)
+
+
+def render_model_card(folder: str | os.PathLike, repo_id: str, metrics: Mapping[str, float] | None = None,
+                      card_data: Mapping | None = None, template_path: str | os.PathLike = MODEL_CARD_TEMPLATE,
+                      **template_kwargs) -> ModelCard:
+    """The model card for the pipeline saved in ``folder``, rendered from ``template_path``."""
+    if not Path(template_path).is_file():
+        raise FileNotFoundError(f"model card template {template_path} not found")
+    card_data = dict(card_data or {})
+    dataset = (card_data.pop("dataset_type", DEFAULT_DATASET[0]), card_data.pop("dataset_name", DEFAULT_DATASET[1]))
+    model_name = card_data.pop("model_name", repo_id.split("/")[-1])
+    data = build_card_data(model_name, metrics, card_data, dataset_type=dataset[0], dataset_name=dataset[1])
+    facts = describe_pipeline_folder(folder)
+    facts.update(template_kwargs)
+    return ModelCard.from_template(data, template_path=str(template_path), repo_id=repo_id, model_name=model_name,
+                                   metrics=dict(metrics or {}), dataset_name=dataset[1], **facts)
+
+
+def push_pipeline(pipeline_or_folder, repo_id: str, private: bool = True, metrics: Mapping[str, float] | None = None,
+                  card_data: Mapping | None = None, api: HfApi | None = None, token: str | None = None,
+                  commit_message: str | None = None):
+    """Upload a pipeline (saved to a temporary folder) or a saved folder (its README.md is rewritten) with its card.
+
+    Returns the ``upload_folder`` result. ``api`` defaults to ``HfApi(token=token)``.
+    """
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise ValueError(f"repo_id must look like 'name' or 'user/name', got {repo_id!r}")
+    api = api if api is not None else HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(pipeline_or_folder, (str, os.PathLike)):
+            folder = Path(pipeline_or_folder)
+        else:
+            folder = Path(tmp)
+            pipeline_or_folder.save_pretrained(folder)
+        card = render_model_card(folder, repo_id, metrics=metrics, card_data=card_data)
+        card.save(str(folder / "README.md"))
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+        return api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(folder), repo_type="model", token=token,
+                                 commit_message=commit_message or "Upload EchoDiff pipeline")

@@ -1,0 +1,233 @@
+"""EchoDiffPipeline: per-seed sampling, output types, save/load (own classes and remote code), the API doc."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.utils import dynamic_modules_utils
+
+from pipelines.networks import build_network, tiny_config
+from pipelines.pipeline_echodiff import EchoDiffPipeline, foreign_imports
+from pipelines.scheduling_edm_heun import EDMHeunScheduler
+from pipelines.utils import to_uint8
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 6  # 11 network evaluations: enough to exercise every branch of the sampler
+CHURN = dict(s_churn=10.0, s_min=0.05, s_max=50.0, s_noise=1.003)
+
+
+def tiny_network(arch="ddpmpp", label_dim=0):
+    """A tiny network with visibly non-zero output (fresh EDM networks start with near-zero output layers)."""
+    with torch.random.fork_rng():  # the same weights every time, without touching the global RNG
+        torch.manual_seed(0)
+        net = build_network(arch, label_dim=label_dim, **tiny_config(arch))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return net.eval()
+
+
+def make_pipeline(arch="ddpmpp", **scheduler_config):
+    pipe = EchoDiffPipeline(unet=tiny_network(arch), scheduler=EDMHeunScheduler(**scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipeline(**CHURN)
+
+
+def latents(pipeline, seeds, **kwargs):
+    return pipeline(seeds=seeds, num_inference_steps=STEPS, output_type="latent", **kwargs).images
+
+
+def test_image_of_a_seed_does_not_depend_on_the_batch(pipe):
+    batch = latents(pipe, [5, 9, 13, 21])
+    assert batch.shape == (4, 1, 16, 16) and batch.dtype == torch.float32
+    assert torch.isfinite(batch).all() and batch.std() > 0.1
+    alone = latents(pipe, [13])
+    pair = latents(pipe, [21, 5])
+    # Equal up to float rounding: CPU convolutions may sum in a batch-size dependent order.
+    torch.testing.assert_close(alone[0], batch[2], rtol=0, atol=1e-4)
+    torch.testing.assert_close(pair, batch[[3, 0]], rtol=0, atol=1e-4)
+    assert not torch.allclose(batch[0], batch[1])
+
+
+def test_output_types_write_images_as_edm_does(pipe):
+    reference = to_uint8(latents(pipe, [1, 2]))  # (x * 127.5 + 128) clipped and truncated
+    as_pt = pipe(seeds=[1, 2], num_inference_steps=STEPS, output_type="pt").images
+    as_np = pipe(seeds=[1, 2], num_inference_steps=STEPS, output_type="np").images
+    as_pil = pipe(seeds=[1, 2], num_inference_steps=STEPS).images
+    assert as_pt.dtype == torch.uint8 and torch.equal(as_pt, reference)
+    assert as_np.dtype == np.uint8 and as_np.shape == (2, 16, 16, 1)
+    np.testing.assert_array_equal(as_np, reference.permute(0, 2, 3, 1).numpy())
+    assert [image.mode for image in as_pil] == ["L", "L"] and as_pil[0].size == (16, 16)
+    np.testing.assert_array_equal(np.asarray(as_pil[1]), reference[1, 0].numpy())
+    (tuple_images,) = pipe(seeds=[1], num_inference_steps=STEPS, output_type="pt", return_dict=False)
+    assert torch.equal(tuple_images[0], reference[0])
+
+
+def test_generator_and_batch_size_paths(pipe):
+    one = pipe(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+               output_type="latent").images
+    again = pipe(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                 output_type="latent").images
+    assert one.shape == (2, 1, 16, 16) and torch.equal(one, again)
+    listed = pipe(num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(s) for s in (4, 8)],
+                  output_type="latent").images
+    torch.testing.assert_close(listed, latents(pipe, [4, 8]), rtol=0, atol=0)
+
+
+def test_network_evaluations_and_eval_mode(pipe):
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda module, args, output: calls.append(module.training))
+    try:
+        pipe.unet.train()
+        trained_mode = latents(pipe, [3])
+        assert pipe.unet.training  # restored after the call
+        pipe.unet.eval()
+        eval_mode = latents(pipe, [3])
+    finally:
+        handle.remove()
+        pipe.unet.eval()
+    assert len(calls) == 2 * (2 * STEPS - 1) and not any(calls)  # Heun: 2N - 1 evaluations, never in training mode
+    assert torch.equal(trained_mode, eval_mode)
+
+
+def test_per_call_sampler_overrides_leave_the_saved_config_alone(pipe):
+    deterministic = latents(pipe, [7], s_churn=0.0)
+    churned = latents(pipe, [7])
+    euler = latents(pipe, [7], s_churn=0.0, solver="euler")
+    assert pipe.scheduler.config.s_churn == CHURN["s_churn"] and pipe.scheduler.config.solver == "heun"
+    assert not torch.allclose(deterministic, churned) and not torch.allclose(deterministic, euler)
+    torch.testing.assert_close(latents(make_pipeline(), [7]), deterministic, rtol=0, atol=0)
+
+
+def test_every_denoised_estimate_passes_through_denoise(pipe):
+    seen = []
+
+    class RecordingPipeline(EchoDiffPipeline):  # how a guidance term hooks in
+        def denoise(self, sample, sigma, class_labels=None, scheduler=None):
+            seen.append((scheduler.state_in_first_order, scheduler.current_step, scheduler.config.s_churn))
+            return super().denoise(sample, sigma, class_labels, scheduler=scheduler)
+
+    recording = RecordingPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
+    recording.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(latents(recording, [2], s_churn=1.0), latents(pipe, [2], s_churn=1.0), rtol=0, atol=0)
+    assert [first for first, _, _ in seen] == [True, False] * (STEPS - 1) + [True]
+    assert [step for _, step, _ in seen] == [i // 2 for i in range(2 * STEPS - 1)]
+    assert {churn for _, _, churn in seen} == {1.0}  # the per-call scheduler, not the saved one
+
+
+def test_bad_calls_are_named(pipe):
+    with pytest.raises(ValueError, match="seeds"):
+        pipe(seeds=[1], generator=torch.Generator())
+    with pytest.raises(ValueError, match="batch_size"):
+        pipe(batch_size=3, seeds=[1, 2])
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(seeds=[1], output_type="jpeg")
+    with pytest.raises(TypeError, match="s_chrun"):
+        pipe(seeds=[1], s_chrun=3)
+    with pytest.raises(TypeError, match="preconditioning"):
+        EchoDiffPipeline(unet=pipe.unet, scheduler=object())
+    conditional = EchoDiffPipeline(unet=tiny_network(label_dim=3), scheduler=EDMHeunScheduler())
+    conditional.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="class_labels"):
+        conditional(seeds=[1], num_inference_steps=2)
+    labels = torch.eye(3)[[0, 2]]
+    out = conditional(seeds=[1, 2], class_labels=labels, num_inference_steps=2, output_type="latent").images
+    assert out.shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp", "adm"])
+def test_save_and_load_with_own_classes_is_bitwise_equal(arch, tmp_path):
+    pipeline = make_pipeline(arch, preconditioning="vp", **CHURN)
+    expected = latents(pipeline, [0, 1])
+    pipeline.save_pretrained(tmp_path)
+    module = {"adm": "unet_adm"}.get(arch, "unet_song")
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_echodiff", "EchoDiffPipeline"]
+    assert index["unet"] == [module, type(pipeline.unet).__name__]
+    assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
+    for path in ("pipeline_echodiff.py", f"unet/{module}.py", "scheduler/scheduling_edm_heun.py",
+                 "unet/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / path).is_file(), path
+    assert (tmp_path / f"unet/{module}.py").read_text() == (REPO / f"pipelines/{module}.py").read_text()
+
+    loaded = EchoDiffPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.unet) is type(pipeline.unet) and loaded.discriminator is None
+    assert loaded.scheduler.preconditioning.kind == "vp"
+    assert torch.equal(latents(loaded, [0, 1]), expected)
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from diffusers import DiffusionPipeline
+
+    folder, resaved, out_file, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    torch.set_num_threads(threads)
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert not any(name == "pipelines" or name.startswith("pipelines.") for name in sys.modules), "EchoDiff imported"
+    for component in (pipe, pipe.unet, pipe.scheduler):
+        assert type(component).__module__.startswith("diffusers_modules."), type(component)
+    pipe.set_progress_bar_config(disable=True)
+    first = pipe(seeds=[0, 1], num_inference_steps=STEPS, output_type="latent").images
+    pipe.save_pretrained(resaved)
+    again = DiffusionPipeline.from_pretrained(resaved, trust_remote_code=True)
+    again.set_progress_bar_config(disable=True)
+    second = again(seeds=[0, 1], num_inference_steps=STEPS, output_type="latent").images
+    torch.save({"first": first, "second": second}, out_file)
+    """
+).replace("STEPS", str(STEPS))
+
+
+def test_remote_code_load_in_a_fresh_process_is_bitwise_equal(pipe, tmp_path):
+    expected = latents(pipe, [0, 1])
+    folder, resaved, out_file = tmp_path / "saved", tmp_path / "resaved", tmp_path / "out.pt"
+    pipe.save_pretrained(folder)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(resaved), str(out_file), str(torch.get_num_threads())],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = torch.load(out_file, weights_only=True)
+    assert torch.equal(outputs["first"], expected)
+    assert torch.equal(outputs["second"], expected)
+    resaved_index = json.loads((resaved / "model_index.json").read_text())
+    assert resaved_index["unet"] == ["unet_song", "SongUNet2DModel"]
+    assert (resaved / "scheduler" / "scheduling_edm_heun.py").is_file() and (resaved / "pipeline_echodiff.py").is_file()
+
+
+def test_carried_files_import_only_allowed_modules(tmp_path):
+    for name in ("scheduling_edm_heun.py", "pipeline_echodiff.py", "unet_song.py", "unet_adm.py"):
+        assert foreign_imports(REPO / "pipelines" / name) == [], name
+    bad = tmp_path / "bad_component.py"
+    bad.write_text("import math\nimport torch\nfrom pipelines.utils import to_uint8\nfrom .helpers import x\n")
+    assert foreign_imports(bad) == [".helpers", "pipelines.utils"]
+
+
+def test_python_api_doc_runs(tmp_path, monkeypatch):
+    text = (REPO / "docs" / "python_api.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    # Keep diffusers' copies of remote code out of the user's cache.
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    namespace = {}
+    exec(compile("\n".join(blocks), "docs/python_api.md", "exec"), namespace)  # noqa: S102 - our own doc
+    assert len(namespace["images"]) == 4 and (tmp_path / "echodiff-tiny" / "pipeline_echodiff.py").is_file()
+    assert namespace["loss"].shape == (8, 1, 16, 16)
