@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Data pipeline speed: synthetic generation, frame-dataset build, DataLoader throughput per storage.
+
+    flock /tmp/echodiff-cpu.lock python benchmarks/bench_data.py --work /tmp/bench-data --num_videos 200
+
+Prints a table and writes WORK/bench_data.json. Storages compared at 64x64 (same frames):
+raw uint8 bytes in ``Value("binary")`` (what the builder writes; read through FrameDataset, batched
+``__getitems__`` and per item), PNG ``Image()`` and ``Array3D`` uint8.
+"""
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.data.echonet_frames import FrameDataset, build_frame_dataset  # noqa: E402
+from pipelines.data.synthetic_echonet import write_synthetic_echonet  # noqa: E402
+
+
+class PerItem(torch.utils.data.Dataset):
+    """FrameDataset without its batched path: what a plain map-style Dataset costs."""
+
+    def __init__(self, frames: FrameDataset):
+        self.frames = frames
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        return self.frames[i]
+
+
+class PngItems(torch.utils.data.Dataset):
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        row = self.ds[int(i)]
+        return {"image": torch.from_numpy(np.asarray(row["image"])[None].copy()), "EF": row["EF"]}
+
+
+class ArrayItems(torch.utils.data.Dataset):
+    def __init__(self, ds):
+        self.ds = ds.with_format("numpy")
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitems__(self, indices):
+        batch = self.ds[[int(i) for i in indices]]
+        images = torch.from_numpy(batch["image"])
+        return [{"image": images[k], "EF": float(batch["EF"][k])} for k in range(len(indices))]
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+
+def loader_rate(dataset, num_workers: int, images: int, batch_size: int = 256) -> float:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                                         persistent_workers=num_workers > 0, drop_last=True)
+    seen = 0
+    next(iter(loader))  # start-up (worker spawn) is not throughput
+    start = time.perf_counter()
+    while seen < images:
+        for batch in loader:
+            seen += batch["image"].shape[0]
+            if seen >= images:
+                break
+    return seen / (time.perf_counter() - start)
+
+
+def other_storages(frames: FrameDataset, cache_dir: Path):
+    import datasets
+
+    images = frames.images_uint8()[:, 0]
+    ef = frames.column("EF").astype(float)
+
+    def png_rows():
+        for image, value in zip(images, ef):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="png")
+            yield {"image": {"bytes": buffer.getvalue(), "path": None}, "EF": value}
+
+    def array_rows():
+        for image, value in zip(images, ef):
+            yield {"image": image[None], "EF": value}
+
+    r = images.shape[-1]
+    png = datasets.Dataset.from_generator(png_rows, cache_dir=str(cache_dir / "png"), features=datasets.Features(
+        {"image": datasets.Image(), "EF": datasets.Value("float32")}))
+    array = datasets.Dataset.from_generator(array_rows, cache_dir=str(cache_dir / "array"), features=datasets.Features(
+        {"image": datasets.Array3D((1, r, r), "uint8"), "EF": datasets.Value("float32")}))
+    return png, array
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/echodiff-bench-data")
+    parser.add_argument("--num_videos", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--loader_images", type=int, default=60_000, help="images read per DataLoader measurement")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    results = {}
+
+    start = time.perf_counter()
+    echonet = write_synthetic_echonet(work / "echonet", num_videos=args.num_videos, seed=0, num_workers=args.workers)
+    results["generate_seconds"] = time.perf_counter() - start
+    results["generate_videos"] = args.num_videos
+
+    start = time.perf_counter()
+    build_frame_dataset(echonet, work / "frames", num_workers=args.workers, progress=False)
+    build_seconds = time.perf_counter() - start
+    summary = json.loads((work / "frames" / "build_summary.json").read_text())
+    results["build"] = {"videos": summary["total_videos"], "kept_frames": summary["total_frames"],
+                        "decoded_frames": summary["decode"]["decoded_frames"], "seconds": build_seconds,
+                        "decode_seconds": summary["decode"]["seconds"],
+                        "decoded_frames_per_s": summary["decode"]["decoded_frames"] / summary["decode"]["seconds"],
+                        "kept_frames_per_s_end_to_end": summary["total_frames"] / build_seconds}
+
+    # DataLoader: a stride-1 build gives enough distinct rows.
+    start = time.perf_counter()
+    build_frame_dataset(echonet, work / "frames-all", frame_stride=1, num_workers=args.workers, progress=False,
+                        verbose=False)
+    results["build_stride1"] = {"seconds": time.perf_counter() - start}
+    frames = FrameDataset(work / "frames-all", split="train")
+    png, array = other_storages(frames, work / "hf_cache")
+    candidates = {"binary (FrameDataset, batched)": frames, "binary (per item)": PerItem(frames),
+                  "PNG Image() (per item)": PngItems(png), "Array3D uint8 (batched)": ArrayItems(array)}
+    results["loader_rows"] = len(frames)
+    rows_all = sum(t["frames"] for t in json.loads((work / "frames-all" / "build_summary.json").read_text())["splits"].values())
+    results["build_stride1"].update(kept_frames=rows_all, kept_frames_per_s=rows_all / results["build_stride1"]["seconds"])
+    results["loader_img_per_s"] = {}
+    for name, dataset in candidates.items():
+        for num_workers in (0, 2):
+            n = args.loader_images if "PNG" not in name and "Array" not in name else args.loader_images // 4
+            rate = loader_rate(dataset, num_workers, n)
+            results["loader_img_per_s"][f"{name}, workers={num_workers}"] = rate
+
+    start = time.perf_counter()
+    bulk = frames.images_uint8()
+    results["images_uint8_img_per_s"] = len(bulk) / (time.perf_counter() - start)
+
+    b = results["build"]
+    print(f"generate: {args.num_videos} videos in {results['generate_seconds']:.1f} s ({args.workers} processes)")
+    print(f"build ({args.workers} processes): {b['videos']} videos, {b['decoded_frames']} decoded / "
+          f"{b['kept_frames']} kept frames in {b['seconds']:.1f} s; decode {b['decoded_frames_per_s']:.0f} decoded "
+          f"frames/s, end to end {b['kept_frames_per_s_end_to_end']:.0f} kept frames/s")
+    b1 = results["build_stride1"]
+    print(f"build, stride 1: {b1['kept_frames']} frames in {b1['seconds']:.1f} s = {b1['kept_frames_per_s']:.0f} frames/s")
+    print(f"DataLoader, 64x64, batch 256, shuffled, {results['loader_rows']} rows:")
+    for name, rate in results["loader_img_per_s"].items():
+        print(f"  {name:<45} {rate:>10.0f} img/s")
+    print(f"images_uint8 bulk read: {results['images_uint8_img_per_s']:.0f} img/s")
+    (work / "bench_data.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Frame dataset builder on a synthetic EchoNet folder: counts, pixels, flags, resume, bad input."""
+
+import csv
+import json
+import math
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipelines.data.echonet_frames as ef
+from pipelines.data.echonet_frames import FrameDataset, build_frame_dataset, push_frame_dataset
+from pipelines.data.synthetic_echonet import write_synthetic_echonet
+
+SPLITS = {"TRAIN": "train", "VAL": "validation", "TEST": "test"}
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def decode_gray(path):
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
+    return np.stack(frames)
+
+
+def shoelace_area(trace):
+    chords = np.array(trace[1:])
+    pts = np.concatenate([chords[:, :2], chords[::-1, 2:]])
+    x, y = pts[:, 0], pts[:, 1]
+    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+
+
+def rows_of(dd):
+    return {split: [dict(r) for r in dd[split]] for split in dd}
+
+
+@pytest.fixture(scope="module")
+def echonet(tmp_path_factory):
+    return write_synthetic_echonet(tmp_path_factory.mktemp("echonet") / "EchoNet-Dynamic", num_videos=8, seed=11,
+                                   num_workers=1, num_frames=(12, 23))
+
+
+@pytest.fixture(scope="module")
+def built(echonet, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "frames"
+    return out, build_frame_dataset(echonet, out, num_workers=0, progress=False, verbose=False)
+
+
+def copy_echonet(echonet, tmp_path):
+    dst = tmp_path / "EchoNet-Dynamic"
+    shutil.copytree(echonet, dst)
+    return dst
+
+
+def test_splits_counts_resolution(echonet, built):
+    out, dd = built
+    filelist = read_rows(echonet / "FileList.csv")
+    assert set(dd) == {"train", "validation", "test"}
+    summary = json.loads((out / "build_summary.json").read_text())
+    for split in dd:
+        videos = [r for r in filelist if SPLITS[r["Split"]] == split]
+        expected = sum(math.ceil(int(r["NumberOfFrames"]) / 5) for r in videos)
+        assert dd[split].num_rows == expected == summary["splits"][split]["frames"]
+        assert set(dd[split]["video_id"]) == {r["FileName"] for r in videos}
+        assert set(dd[split]["split"]) == {split}
+        for r in videos:  # patient-level: each video's frames, all in its split, indices 0, 5, 10, ...
+            idx = sorted(i for v, i in zip(dd[split]["video_id"], dd[split]["frame_index"]) if v == r["FileName"])
+            assert idx == list(range(0, int(r["NumberOfFrames"]), 5))
+    assert summary["total_frames"] == sum(math.ceil(int(r["NumberOfFrames"]) / 5) for r in filelist)
+    assert summary["counts"] == {"built": 8, "bad": 0, "excluded_by_split": 0, "excluded_by_max_videos": 0}
+    assert all(len(b) == 64 * 64 for b in dd["train"]["image"])
+    assert "research use agreement" in (out / "README.md").read_text()
+
+
+def test_pixels_match_an_independent_decode(echonet, built, tmp_path):
+    _, dd = built
+    row = dd["train"][1]
+    frames = decode_gray(echonet / "Videos" / f"{row['video_id']}.avi")
+    expected = np.asarray(Image.fromarray(frames[row["frame_index"]]).resize((64, 64), Image.Resampling.LANCZOS))
+    assert np.array_equal(np.frombuffer(row["image"], np.uint8).reshape(64, 64), expected)
+    assert row["EF"] == pytest.approx(float(next(r["EF"] for r in read_rows(echonet / "FileList.csv")
+                                                 if r["FileName"] == row["video_id"])), rel=1e-6)
+    # Native 112 with area filter: no resizing happens, frames are the decoded ones.
+    native = build_frame_dataset(echonet, tmp_path / "native", resolution=112, frame_stride=5, resize_filter="area",
+                                 splits=["validation"], num_workers=0, progress=False, verbose=False)
+    assert set(native) == {"validation"}
+    first = native["validation"][0]
+    frames = decode_gray(echonet / "Videos" / f"{first['video_id']}.avi")
+    assert np.array_equal(np.frombuffer(first["image"], np.uint8).reshape(112, 112), frames[first["frame_index"]])
+
+
+def test_traced_frame_flags(echonet, built, tmp_path):
+    traces = {}
+    for r in read_rows(echonet / "VolumeTracings.csv"):
+        traces.setdefault(r["FileName"][:-4], {}).setdefault(int(r["Frame"]), []).append(
+            [float(r[c]) for c in ("X1", "Y1", "X2", "Y2")])
+    truth = {}
+    for video, frames in traces.items():
+        by_area = sorted(frames, key=lambda f: shoelace_area(frames[f]))
+        truth[video] = (by_area[-1], by_area[0])  # (end-diastolic, end-systolic)
+    every = build_frame_dataset(echonet, tmp_path / "all", resolution=8, frame_stride=1, num_workers=0,
+                                progress=False, verbose=False)
+    for split in every:
+        d = every[split]
+        for video, index, is_ed, is_es in zip(d["video_id"], d["frame_index"], d["is_ed_frame"], d["is_es_frame"]):
+            assert is_ed == (index == truth[video][0]) and is_es == (index == truth[video][1])
+    _, dd = built
+    for split in dd:
+        d = dd[split]
+        for video, index, is_ed, is_es in zip(d["video_id"], d["frame_index"], d["is_ed_frame"], d["is_es_frame"]):
+            assert is_ed == (index == truth[video][0]) and is_es == (index == truth[video][1])
+
+
+def test_frame_dataset_access(built):
+    out, dd = built
+    ds = FrameDataset(out, split="train")
+    assert (ds.resolution, ds.channels, len(ds)) == (64, 1, dd["train"].num_rows)
+    item = ds[3]
+    assert item["image"].dtype == torch.uint8 and item["image"].shape == (1, 64, 64)
+    assert np.array_equal(item["image"][0].numpy(), np.frombuffer(dd["train"][3]["image"], np.uint8).reshape(64, 64))
+    assert item["video_id"] == dd["train"][3]["video_id"] and item["frame_index"] == dd["train"][3]["frame_index"]
+    bulk = ds.images_uint8()
+    assert bulk.shape == (len(ds), 1, 64, 64) and bulk.dtype == np.uint8
+    assert np.array_equal(bulk[3], item["image"].numpy())
+    assert np.array_equal(ds.images_uint8([5, 2]), bulk[[5, 2]])
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=6, shuffle=False)))
+    assert torch.equal(batch["image"], torch.from_numpy(bulk[:6]))
+    assert batch["EF"].shape == (6,) and len(batch["video_id"]) == 6
+    rgb = FrameDataset(out, split="validation", channels=3)
+    assert rgb[0]["image"].shape == (3, 64, 64) and torch.equal(rgb[0]["image"][0], rgb[0]["image"][2])
+    assert rgb.images_uint8().shape[1] == 3
+
+
+def test_frame_dataset_errors(built, tmp_path):
+    out, _ = built
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        FrameDataset(tmp_path / "no-such-folder")
+    with pytest.raises(KeyError, match="valid'.*available splits"):
+        FrameDataset(out, split="valid")
+    with pytest.raises(ValueError, match="channels"):
+        FrameDataset(out, channels=2)
+
+
+def test_overwrite_refusal(echonet, built, tmp_path):
+    out, dd = built
+    with pytest.raises(FileExistsError, match="overwrite"):
+        build_frame_dataset(echonet, out, num_workers=0, progress=False, verbose=False)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        build_frame_dataset(echonet, foreign, num_workers=0, overwrite=True, progress=False, verbose=False)
+    assert (foreign / "notes.txt").exists()
+    again = tmp_path / "again"
+    build_frame_dataset(echonet, again, max_videos=2, num_workers=0, progress=False, verbose=False)
+    rebuilt = build_frame_dataset(echonet, again, num_workers=0, overwrite=True, progress=False, verbose=False)
+    assert rows_of(rebuilt) == rows_of(dd)
+
+
+def test_resume_after_interruption(echonet, built, tmp_path, monkeypatch):
+    _, reference = built
+    out = tmp_path / "resumed"
+    original = ef._process_video
+    calls = []
+
+    def interrupted_after_three(task):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(task["video_id"])
+        return original(task)
+
+    monkeypatch.setattr(ef, "_process_video", interrupted_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        build_frame_dataset(echonet, out, num_workers=0, progress=False, verbose=False)
+    cache = out / "_work" / "videos"
+    assert sorted(p.stem for p in cache.glob("*.json")) == sorted(calls)
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    with pytest.raises(ValueError, match="resolution"):
+        build_frame_dataset(echonet, out, resolution=32, num_workers=0, progress=False, verbose=False)
+
+    redone = []
+
+    def counting(task):
+        redone.append(task["video_id"])
+        return original(task)
+
+    monkeypatch.setattr(ef, "_process_video", counting)
+    monkeypatch.setattr(ef.shutil, "rmtree", lambda *a, **k: None)  # keep the work folder to inspect it
+    resumed = build_frame_dataset(echonet, out, num_workers=0, progress=False, verbose=False)
+    assert len(redone) == 8 - 3 and not set(redone) & set(calls)
+    assert all((cache / name).stat().st_mtime_ns == t for name, t in stamps.items())
+    assert rows_of(resumed) == rows_of(reference)
+
+
+def test_parallel_build_equals_serial(echonet, built, tmp_path):
+    _, reference = built
+    parallel = build_frame_dataset(echonet, tmp_path / "par", num_workers=2, progress=False, verbose=False)
+    assert rows_of(parallel) == rows_of(reference)
+
+
+def test_options_splits_and_max_videos(echonet, tmp_path):
+    filelist = read_rows(echonet / "FileList.csv")
+    dd = build_frame_dataset(echonet, tmp_path / "val", splits=["val"], num_workers=0, progress=False, verbose=False)
+    summary = json.loads((tmp_path / "val" / "build_summary.json").read_text())
+    n_val = sum(r["Split"] == "VAL" for r in filelist)
+    assert set(dd) == {"validation"} and summary["counts"]["excluded_by_split"] == 8 - n_val
+    build_frame_dataset(echonet, tmp_path / "three", max_videos=3, num_workers=0, progress=False, verbose=False)
+    summary = json.loads((tmp_path / "three" / "build_summary.json").read_text())
+    assert summary["counts"]["built"] == 3 and summary["counts"]["excluded_by_max_videos"] == 5
+    with pytest.raises(ValueError, match="resize_filter"):
+        build_frame_dataset(echonet, tmp_path / "f", resize_filter="fancy")
+    with pytest.raises(ValueError, match="splits"):
+        build_frame_dataset(echonet, tmp_path / "s", splits=["holdout"])
+
+
+def test_missing_or_misnamed_inputs(echonet, tmp_path):
+    with pytest.raises(FileNotFoundError, match="echonet_dir=.*nowhere"):
+        build_frame_dataset(tmp_path / "nowhere", tmp_path / "o1")
+    src = copy_echonet(echonet, tmp_path)
+    (src / "Videos").rename(src / "videos")
+    with pytest.raises(FileNotFoundError, match="'Videos'.*found 'videos'"):
+        build_frame_dataset(src, tmp_path / "o2")
+    (src / "videos").rename(src / "Videos")
+    (src / "VolumeTracings.csv").rename(src / "Tracings.csv")
+    with pytest.raises(FileNotFoundError, match="VolumeTracings.csv"):
+        build_frame_dataset(src, tmp_path / "o3")
+    (src / "Tracings.csv").rename(src / "VolumeTracings.csv")
+    rows = read_rows(src / "FileList.csv")
+    write_rows(src / "FileList.csv", [{("Splits" if k == "Split" else k): v for k, v in r.items()} for r in rows])
+    with pytest.raises(ValueError, match=r"FileList.csv: missing column\(s\) \['Split'\]"):
+        build_frame_dataset(src, tmp_path / "o4")
+
+
+def test_bad_videos_skipped_and_reported(echonet, tmp_path):
+    src = copy_echonet(echonet, tmp_path)
+    rows = read_rows(src / "FileList.csv")
+    videos = src / "Videos"
+    names = [r["FileName"] for r in rows]
+    (videos / f"{names[0]}.avi").write_bytes(b"not a video at all" * 100)           # unreadable
+    data = (videos / f"{names[1]}.avi").read_bytes()
+    (videos / f"{names[1]}.avi").write_bytes(data[: len(data) // 2])                 # truncated
+    writer = cv2.VideoWriter(str(videos / f"{names[2]}.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 50.0, (112, 112))
+    writer.release()                                                                 # zero frames
+    (videos / f"{names[3]}.avi").unlink()                                            # missing
+    rows[4]["FrameHeight"] = "100"                                                   # size disagrees
+    rows[5]["NumberOfFrames"] = str(int(rows[5]["NumberOfFrames"]) + 3)              # count disagrees
+    write_rows(src / "FileList.csv", rows)
+
+    out = tmp_path / "frames"
+    with pytest.raises(RuntimeError, match="6 of 8 videos are unusable"):
+        build_frame_dataset(src, out, num_workers=0, max_bad_fraction=0.5, progress=False, verbose=False)
+    assert json.loads((out / "build_summary.json").read_text())["status"] == "failed"
+
+    dd = build_frame_dataset(src, out, num_workers=0, max_bad_fraction=0.8, progress=False, verbose=False)
+    summary = json.loads((out / "build_summary.json").read_text())
+    reasons = {b["file"]: b["reason"] for b in summary["bad_videos"]}
+    assert reasons.keys() == {f"Videos/{n}.avi" for n in names[:6]}
+    assert "unreadable" in reasons[f"Videos/{names[0]}.avi"]
+    assert "FileList NumberOfFrames" in reasons[f"Videos/{names[1]}.avi"]
+    assert "zero frames" in reasons[f"Videos/{names[2]}.avi"]
+    assert "not found" in reasons[f"Videos/{names[3]}.avi"]
+    assert "FrameHeight" in reasons[f"Videos/{names[4]}.avi"]
+    assert "NumberOfFrames is" in reasons[f"Videos/{names[5]}.avi"]
+    assert sum(summary["counts"].values()) == summary["filelist_rows"] == 8
+    assert summary["counts"]["built"] == 2
+    built_ids = {v for split in dd for v in dd[split]["video_id"]}
+    assert built_ids == set(names[6:])
+    assert summary["total_frames"] == sum(math.ceil(int(r["NumberOfFrames"]) / 5) for r in rows[6:])
+
+
+def test_push_needs_explicit_agreement(built):
+    out, _ = built
+    with pytest.raises(PermissionError, match="research-use agreement"):
+        push_frame_dataset(out, "someone/echonet-frames", api=object())
+
+
+def test_command_lines(tmp_path, capsys):
+    import build_echonet_frames
+    import make_synthetic_echonet
+
+    src = make_synthetic_echonet.main(["--out", str(tmp_path / "syn"), "--num_videos", "3", "--seed", "5",
+                                       "--min_frames", "10", "--max_frames", "12", "--num_workers", "1"])
+    assert len(read_rows(src / "FileList.csv")) == 3
+    dd = build_echonet_frames.main(["--echonet_dir", str(src), "--out", str(tmp_path / "frames"), "--resolution", "32",
+                                    "--num_workers", "1"])
+    assert "total" in capsys.readouterr().out
+    assert FrameDataset(tmp_path / "frames", split="train").resolution == 32
+    assert sum(dd[s].num_rows for s in dd) == sum(math.ceil(int(r["NumberOfFrames"]) / 5)
+                                                for r in read_rows(src / "FileList.csv"))
+    with pytest.raises(SystemExit):
+        build_echonet_frames.main(["--echonet_dir", str(src), "--out", str(tmp_path / "f2"), "--push_to_hub", "a/b"])
