@@ -1,0 +1,196 @@
+"""Evaluate EchoDiff models the way the paper does (FID as NVlabs EDM computes it).
+
+Subcommands (each writes a JSON of results into --out):
+  fid          FID (+ KID) of a pipeline (folder / Hub id) or an image set (.npz, shard or PNG folder)
+               against the cached statistics of a fixed, seeded subsample of the real frames
+  optimal-fid  FID between two seeded halves of the real frames (patient-level and frame-level)
+  fid-vs-nfe   FID over sampler step counts -> CSV + PNG with NFE = 2N - 1 on the x axis
+  variance     the paper's two variance experiments (mean +- std over --repeats)
+  sweep        the Table 1 grid (comes with train_unconditional.py)
+
+Examples:
+  python evaluate.py fid --model runs/edm-ddpmpp --dataset data/frames64 --seeds 0-49999
+  python evaluate.py optimal-fid --dataset data/frames64 --split all
+  python evaluate.py fid-vs-nfe --model runs/edm-adm --dataset data/frames64 --steps 5,10,18,30,50
+  accelerate launch evaluate.py fid --model user/echodiff-adm --dataset user/echonet-frames
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_reference_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="frame dataset folder (build_frame_dataset) or Hub id")
+    parser.add_argument("--split", default="train", help="split, 'all' or a comma list (default: train)")
+    parser.add_argument("--num-real", type=int, default=50_000,
+                        help="size of the fixed real subsample (default 50000; capped at the dataset size)")
+    parser.add_argument("--subsample-seed", type=int, default=0, help="seed of the real subsample (default 0)")
+    parser.add_argument("--ref-stats", default=None,
+                        help="reference statistics .npz (default: derived from the fingerprint in --cache-dir)")
+
+
+def _add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="results/eval", help="folder for the results JSON (default results/eval)")
+    parser.add_argument("--cache-dir", default=None, help="feature / statistics cache (default $ECHODIFF_CACHE "
+                                                          "or ~/.cache/echodiff)")
+    parser.add_argument("--batch-size", type=int, default=32, help="Inception batch size")
+    parser.add_argument("--device", default=None, help="device for Inception (default cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_generation_args(parser: argparse.ArgumentParser, seeds_default: str = "0-49999") -> None:
+    parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    parser.add_argument("--seeds", default=seeds_default, help=f"seeds, EDM style (default {seeds_default})")
+    parser.add_argument("--gen-batch-size", type=int, default=32, help="images per pipeline call (per process)")
+    parser.add_argument("--samples-dir", default=None, help="shard folder (default <out>/samples-steps<N>)")
+    parser.add_argument("--sampler-kwargs", default="{}",
+                        help='extra pipeline arguments as JSON, e.g. \'{"s_churn": 40}\'')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fid = sub.add_parser("fid", help="FID (+ KID) of a pipeline or an image set against the real frames")
+    fid.add_argument("--model", default=None, help="pipeline folder or Hub id to sample from")
+    fid.add_argument("--images", default=None, help="instead of --model: .npz, shard folder or PNG folder")
+    fid.add_argument("--seeds", default=None, help="seeds to generate/use, EDM style (default: 0-49999 with "
+                                                    "--model, every image with --images)")
+    fid.add_argument("--steps", type=int, default=30, help="sampler steps N (NFE = 2N - 1; default 30)")
+    fid.add_argument("--gen-batch-size", type=int, default=32, help="images per pipeline call (per process)")
+    fid.add_argument("--samples-dir", default=None, help="shard folder (default <out>/samples-steps<N>)")
+    fid.add_argument("--sampler-kwargs", default="{}", help="extra pipeline arguments as JSON")
+    fid.add_argument("--no-kid", action="store_true", help="skip KID (needs the real subsample's features)")
+    _add_reference_args(fid)
+    _add_common_args(fid)
+
+    opt = sub.add_parser("optimal-fid", help="FID between two seeded halves of the real frames")
+    opt.add_argument("--dataset", required=True, help="frame dataset folder or Hub id")
+    opt.add_argument("--split", default="all", help="split, 'all' or a comma list (default: all)")
+    opt.add_argument("--seed", type=int, default=0, help="seed of the halves (default 0)")
+    opt.add_argument("--max-per-half", type=int, default=None, help="cap each half (default: all frames)")
+    _add_common_args(opt)
+
+    nfe = sub.add_parser("fid-vs-nfe", help="FID over sampler step counts (Figure 1)")
+    nfe.add_argument("--steps", default="5,10,18,30,50", help="comma list of step counts N")
+    nfe.add_argument("--no-kid", action="store_true", help="skip KID")
+    _add_generation_args(nfe)
+    _add_reference_args(nfe)
+    _add_common_args(nfe)
+
+    var = sub.add_parser("variance", help="the paper's variance experiments (mean +- std)")
+    var.add_argument("--steps", type=int, default=18, help="sampler steps N (paper: 18)")
+    var.add_argument("--repeats", type=int, default=10, help="repeats per experiment (paper: 10)")
+    var.add_argument("--num-gen", type=int, default=50_000, help="generated images per repeat (paper: 50000)")
+    var.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    var.add_argument("--gen-batch-size", type=int, default=32, help="images per pipeline call (per process)")
+    var.add_argument("--sampler-kwargs", default="{}", help="extra pipeline arguments as JSON")
+    _add_reference_args(var)
+    _add_common_args(var)
+
+    sweep = sub.add_parser("sweep", help="Table 1 grid (not available yet: comes with train_unconditional.py)")
+    sweep.add_argument("--config", default=None, help="sweep config file listing runs and training budgets")
+    return parser
+
+
+def _sampler_kwargs(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--sampler-kwargs must be a JSON object, got {text!r} ({exc})") from exc
+    if not isinstance(value, dict):
+        raise SystemExit(f"--sampler-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    if args.command == "sweep":
+        # Placeholder: the Table 1 sweep lands with train_unconditional.py (second half of issue 7).
+        raise SystemExit("evaluate.py sweep is not implemented yet: it arrives with train_unconditional.py")
+
+    from pipelines import evaluation as ev
+    from pipelines.metrics.fid import InceptionDetector
+
+    out = Path(args.out)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else ev.DEFAULT_CACHE_DIR
+    progress = not args.no_progress
+    device = args.device or ev.default_device()
+
+    if args.command == "optimal-fid":
+        frames = ev.load_frames(args.dataset, args.split)
+        result = ev.optimal_fid(frames, seed=args.seed, max_per_half=args.max_per_half,
+                                detector=InceptionDetector(device=device), cache_dir=cache_dir,
+                                batch_size=args.batch_size, progress=progress)
+        result["paper"] = {"64px": 0.88, "112px": 0.95}
+        return _finish(ev, result, out / "optimal_fid.json")
+
+    frames = ev.load_frames(args.dataset, args.split)
+    common = {"num_real": args.num_real, "subsample_seed": args.subsample_seed, "stats_path": args.ref_stats,
+              "cache_dir": cache_dir, "batch_size": args.batch_size, "progress": progress}
+
+    if args.command == "fid" and args.images is not None:
+        if args.model is not None:
+            raise SystemExit("give either --model or --images, not both")
+        from pipelines.generation import load_images
+
+        if args.seeds is not None and not _has_seeds(args.images):
+            raise SystemExit(f"--seeds selects images of a shard folder; {args.images} has no generation shards")
+        images = load_images(args.images, seeds=args.seeds)
+        result = ev.fid_of_images(images, frames, detector=InceptionDetector(device=device), kid=not args.no_kid,
+                                  **common)
+        result["images"] = str(args.images)
+        return _finish(ev, result, out / "fid.json")
+    if args.command == "fid" and args.model is None:
+        raise SystemExit("fid needs --model (pipeline folder / Hub id) or --images (.npz, shard or PNG folder)")
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    pipeline = ev.load_pipeline(args.model, device=str(accelerator.device))
+    sampler_kwargs = _sampler_kwargs(args.sampler_kwargs)
+    run_info = {"model": str(args.model)}
+    detector = InceptionDetector(device=device) if accelerator.is_main_process else None
+    gen = {"gen_batch_size": args.gen_batch_size, "accelerator": accelerator, "run_info": run_info}
+
+    if args.command == "fid":
+        samples = Path(args.samples_dir) if args.samples_dir else out / f"samples-steps{args.steps}"
+        result = ev.fid_of_samples(pipeline, samples, args.seeds or "0-49999", frames, num_inference_steps=args.steps,
+                                   detector=detector, kid=not args.no_kid, **gen, **common, **sampler_kwargs)
+        path = out / "fid.json"
+    elif args.command == "fid-vs-nfe":
+        steps = [int(s) for s in args.steps.split(",") if s.strip()]
+        rows = ev.fid_vs_nfe(pipeline, steps, frames, out, seeds=args.seeds, detector=detector,
+                             kid=not args.no_kid, **gen, **common, **sampler_kwargs)
+        result = None if rows is None else {"rows": rows, "csv": str(out / "fid_vs_nfe.csv"),
+                                            "plot": str(out / "fid_vs_nfe.png")}
+        path = out / "fid_vs_nfe.json"
+    else:
+        result = ev.variance_study(pipeline, frames, out, repeats=args.repeats, num_gen=args.num_gen,
+                                   num_real=args.num_real, subsample_seed=args.subsample_seed,
+                                   num_inference_steps=args.steps, detector=detector, cache_dir=cache_dir,
+                                   batch_size=args.batch_size, progress=progress, **gen, **sampler_kwargs)
+        path = out / "variance.json"
+    if result is not None:
+        result["model"] = str(args.model)
+    return _finish(ev, result, path) if accelerator.is_main_process else None
+
+
+def _has_seeds(path: str) -> bool:
+    return Path(path).is_dir() and any(Path(path).glob("shard-*.npz"))
+
+
+def _finish(ev, result: dict, path: Path) -> dict:
+    ev.write_json(result, path)
+    shown = {k: v for k, v in result.items() if k not in ("reference",)}
+    print(json.dumps(shown, indent=2, default=str))
+    print(f"results written to {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,145 @@
+"""evaluate.py subcommands end to end on a tiny synthetic EchoNet frame dataset and a tiny pipeline."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from pipelines.evaluation import frame_level_halves, load_frames, patient_level_halves
+from pipelines.generation import load_images
+from pipelines.metrics.fid import (
+    FingerprintMismatchError,
+    InceptionDetector,
+    compute_features,
+    feature_statistics,
+    frechet_distance,
+    real_subsample_indices,
+)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from pipelines.data.echonet_frames import build_frame_dataset
+    from pipelines.data.synthetic_echonet import write_synthetic_echonet
+    from pipelines.networks import build_network, tiny_config
+    from pipelines.pipeline_echodiff import EchoDiffPipeline
+    from pipelines.scheduling_edm_heun import EDMHeunScheduler
+
+    root = tmp_path_factory.mktemp("evaluate")
+    echonet = write_synthetic_echonet(root / "echonet", num_videos=8, seed=0, num_frames=(12, 14), num_workers=1)
+    build_frame_dataset(echonet, root / "frames", resolution=16, frame_stride=4, num_workers=1, progress=False,
+                        verbose=False)
+    torch.manual_seed(0)
+    pipe = EchoDiffPipeline(unet=build_network("ddpmpp", **tiny_config("ddpmpp")), scheduler=EDMHeunScheduler())
+    pipe.save_pretrained(root / "model")
+    return {"root": root, "frames": str(root / "frames"), "model": str(root / "model"), "cache": str(root / "cache")}
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return InceptionDetector()
+
+
+def _args(ws, *extra):
+    return [*extra, "--dataset", ws["frames"], "--cache-dir", ws["cache"], "--no-progress"]
+
+
+def test_fid_of_real_frames_against_themselves_is_zero(workspace, tmp_path):
+    train = load_frames(workspace["frames"], "train")
+    np.savez(tmp_path / "real.npz", images=train.images_uint8())
+    with pytest.warns(UserWarning, match="exceeds the dataset"):
+        result = evaluate.main(_args(workspace, "fid", "--images", str(tmp_path / "real.npz"), "--num-real", "1000",
+                                     "--out", str(tmp_path / "out")))
+    assert result["num_real"] == result["num_generated"] == len(train) == 25
+    assert abs(result["fid"]) < 1e-3 and np.isfinite(result["kid"])
+    saved = json.loads((tmp_path / "out" / "fid.json").read_text())
+    assert saved["fid"] == result["fid"] and saved["reference"]["split"] == "train"
+
+
+def test_fid_of_pipeline_matches_direct_computation_and_resumes(workspace, detector, tmp_path):
+    out = workspace["root"] / "runs"
+    argv = _args(workspace, "fid", "--model", workspace["model"], "--seeds", "0-7", "--steps", "2",
+                 "--num-real", "20", "--subsample-seed", "3", "--gen-batch-size", "3", "--out", str(out))
+    result = evaluate.main(argv)
+    samples = out / "samples-steps2"
+    generated = load_images(samples)
+    assert generated.shape == (8, 1, 16, 16) and result["nfe"] == 3 and result["seeds"] == "0-7"
+
+    train = load_frames(workspace["frames"], "train")
+    real = train.images_uint8(real_subsample_indices(len(train), 20, seed=3))
+    expected = frechet_distance(*feature_statistics(compute_features(generated, detector)),
+                                *feature_statistics(compute_features(real, detector)))
+    assert result["fid"] == pytest.approx(expected, rel=1e-4) and result["fid"] > 1
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in samples.glob("shard-*.npz")}
+    again = evaluate.main(argv)  # everything finished: nothing is regenerated
+    assert {p.name: p.stat().st_mtime_ns for p in samples.glob("shard-*.npz")} == stamps
+    assert again["fid"] == pytest.approx(result["fid"], rel=1e-12)
+
+    ref = str(tmp_path / "ref.npz")
+    evaluate.main(_args(workspace, "fid", "--images", str(samples), "--num-real", "20", "--ref-stats", ref,
+                        "--no-kid", "--out", str(tmp_path)))
+    with pytest.raises(FingerprintMismatchError, match="subsample_seed"):
+        evaluate.main(_args(workspace, "fid", "--images", str(samples), "--num-real", "20", "--ref-stats", ref,
+                            "--subsample-seed", "1", "--out", str(tmp_path)))
+
+
+def test_optimal_fid_halves(workspace, tmp_path):
+    result = evaluate.main(_args(workspace, "optimal-fid", "--split", "all", "--out", str(tmp_path)))
+    assert result["num_frames"] == 32 and result["num_videos"] == 8
+    for name in ("patient_level", "frame_level"):
+        assert result[name]["num_a"] + result[name]["num_b"] == 32 and result[name]["fid"] > 0
+    assert result["patient_level"]["videos_a"] + result["patient_level"]["videos_b"] == 8
+    assert (tmp_path / "optimal_fid.json").exists()
+
+
+def test_patient_level_halves_keep_videos_together():
+    video_ids = np.repeat([f"v{i}" for i in range(9)], [5, 3, 4, 6, 2, 5, 4, 3, 4])
+    a, b = patient_level_halves(video_ids, seed=0)
+    assert not set(video_ids[a]) & set(video_ids[b])
+    assert sorted(np.concatenate([a, b]).tolist()) == list(range(len(video_ids)))
+    assert abs(len(a) - len(b)) <= 6
+    assert not np.array_equal(a, patient_level_halves(video_ids, seed=1)[0])
+    fa, fb = frame_level_halves(11, seed=0)
+    assert len(fa) == len(fb) == 5 and not set(fa) & set(fb)
+    with pytest.raises(ValueError, match="at least 2 videos"):
+        patient_level_halves(["x", "x"], seed=0)
+
+
+def test_fid_vs_nfe_writes_csv_and_plot(workspace):
+    out = workspace["root"] / "runs"
+    result = evaluate.main(_args(workspace, "fid-vs-nfe", "--model", workspace["model"], "--steps", "3,2",
+                                 "--seeds", "0-7", "--num-real", "20", "--no-kid", "--out", str(out)))
+    assert [r["nfe"] for r in result["rows"]] == [5, 3]
+    with open(out / "fid_vs_nfe.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["steps"]) for r in rows] == [3, 2] and all(float(r["fid"]) > 0 for r in rows)
+    assert (out / "fid_vs_nfe.png").stat().st_size > 1000
+    assert len(load_images(out / "samples-steps3")) == 8
+
+
+def test_variance_study(workspace):
+    out = workspace["root"] / "runs"
+    result = evaluate.main(_args(workspace, "variance", "--model", workspace["model"], "--steps", "2", "--repeats", "2",
+                                 "--num-gen", "6", "--num-real", "20", "--out", str(out)))
+    a, b = result["generated_fixed_real_varied"], result["real_fixed_generation_varied"]
+    assert len(a["values"]) == len(b["values"]) == 2
+    assert a["values"][0] != a["values"][1] and b["values"][0] != b["values"][1]
+    assert a["std"] == pytest.approx(np.std(a["values"], ddof=1))
+    assert len(load_images(out / "samples-steps2")) == 12  # seeds 0-11 (0-7 reused if earlier tests made them)
+    assert json.loads((out / "variance.json").read_text())["repeats"] == 2
+
+
+def test_cli_errors(workspace, tmp_path):
+    with pytest.raises(SystemExit, match="not implemented yet"):
+        evaluate.main(["sweep"])
+    with pytest.raises(SystemExit, match="--model"):
+        evaluate.main(_args(workspace, "fid", "--out", str(tmp_path)))
+    with pytest.raises(SystemExit, match="JSON object"):
+        evaluate.main(_args(workspace, "fid", "--model", workspace["model"], "--sampler-kwargs", "[1]",
+                            "--out", str(tmp_path)))
+    with pytest.raises(ValueError, match="neither an image set"):
+        evaluate.main(_args(workspace, "fid", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path)))
