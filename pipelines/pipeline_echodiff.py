@@ -15,6 +15,7 @@ Standalone on purpose: imports only torch, numpy, diffusers, huggingface_hub and
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -58,6 +59,158 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def _is_installed_library(library: str) -> bool:
     return library in LOADABLE_CLASSES or library.split(".")[0] in LOADABLE_CLASSES
+
+
+# ----------------------------------------------------------------------------------------------------
+# Discriminator Guidance (Kim et al. 2023), applied inside the sampling loop
+# ----------------------------------------------------------------------------------------------------
+DG_LOGIT_CLIP = math.log((1 - 1e-5) / 1e-5)  # d clipped to [1e-5, 1 - 1e-5]  <=>  logit clipped to +-11.51
+DG_SIGMA_MIN = 0.0447  # the DG reference's VP time 0.01: guidance on the first 25 of 30 EDM steps
+
+
+def _discriminator_logits(output) -> torch.Tensor:
+    """(B,) logits from any discriminator output: a tensor, a tuple, or an object with ``.logits``."""
+    if not isinstance(output, torch.Tensor):
+        output = output.logits if hasattr(output, "logits") else output[0]
+    return output.reshape(output.shape[0], -1)[:, 0] if output.ndim > 1 else output
+
+
+def discriminator_log_ratio(discriminator, x: torch.Tensor, sigma: torch.Tensor):
+    """log r = log(d / (1 - d)) with d = sigmoid(logit) clipped to [1e-5, 1 - 1e-5], and grad_x log r.
+
+    ``discriminator(x, sigma)`` is any module taking the noised sample and one sigma per sample and
+    returning the logit of "real". Clipping the logit equals clipping d and keeps log r exact.
+    """
+    with torch.enable_grad():
+        x_in = x.detach().to(torch.float32).requires_grad_(True)
+        logits = _discriminator_logits(discriminator(x_in, sigma)).to(torch.float32)
+        if logits.shape != (x.shape[0],):
+            raise ValueError(f"the discriminator must return one logit per sample ({x.shape[0]}), "
+                             f"got shape {tuple(logits.shape)}")
+        log_ratio = logits.clamp(-DG_LOGIT_CLIP, DG_LOGIT_CLIP)
+        (grad,) = torch.autograd.grad(log_ratio.sum(), x_in)
+    return log_ratio.detach(), grad
+
+
+class DiscriminatorGuidance:
+    """Per-call DG state: D_dg = D + w sigma^2 grad_x log r on the evaluations inside the sigma window.
+
+    w is ``weight_first_order`` on Euler evaluations and ``weight_second_order`` on Heun corrections
+    (0: the discriminator is not evaluated there). As in the DG reference, on every second step
+    (step 0, 2, ...) the first-order DG vector of samples with log r < 0 is multiplied by ``boost``; with
+    ``boost_churn`` those samples (log r < 0 at the previous Euler evaluation) get extra churn
+    (S_churn 4, i.e. gamma = min(4 / N, sqrt(2) - 1)) on every fifth step.
+    """
+
+    BOOST_PERIOD, CHURN_PERIOD, CHURN = 2, 5, 4.0
+
+    def __init__(self, discriminator, scheduler, weight_first_order: float = 0.0, weight_second_order: float = 0.0,
+                 boost: float = 1.0, boost_churn: bool = False, sigma_min: float = DG_SIGMA_MIN,
+                 sigma_max: float = math.inf):
+        for name, value in (("dg_weight_first_order", weight_first_order),
+                            ("dg_weight_second_order", weight_second_order), ("dg_boost", boost)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if boost <= 0:
+            raise ValueError(f"dg_boost must be > 0 (1 = no boosting), got {boost!r}")
+        if not 0 <= sigma_min <= sigma_max:
+            raise ValueError(f"the DG sigma window must satisfy 0 <= dg_sigma_min <= dg_sigma_max, got "
+                             f"[{sigma_min}, {sigma_max}]")
+        if discriminator is None and (weight_first_order or weight_second_order):
+            raise ValueError("Discriminator Guidance needs a discriminator: this pipeline has none "
+                             "(pass discriminator=... or load a pipeline folder that holds one)")
+        if boost_churn and (scheduler.config.schedule != "linear" or scheduler.config.scaling != "none"):
+            raise ValueError("dg_boost_churn needs the EDM time parameterisation (scheduler schedule='linear', "
+                             "scaling='none')")
+        self.discriminator = discriminator
+        self.scheduler = scheduler
+        self.weights = (float(weight_first_order), float(weight_second_order))
+        self.boost, self.boost_churn = float(boost), bool(boost_churn)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.step = None  # EDM step i of the current evaluation
+        self.log_ratio = None  # log r at the last first-order evaluation (+inf outside the window)
+        self._churn = None  # (mask, per-sample sigma, derivative factor k) on an extra-churn step
+
+    @property
+    def active(self) -> bool:
+        return any(self.weights)
+
+    def before_evaluation(self, sample: torch.Tensor, sigma: float, first_order: bool, generator) -> torch.Tensor:
+        """Track the step; on churn steps lift samples judged fake to a higher sigma (Algorithm 2 lines 5-6)."""
+        if not first_order:
+            return sample
+        self.step = self.scheduler.current_step
+        self._churn = None
+        if not (self.boost_churn and self.log_ratio is not None and self.step % self.CHURN_PERIOD == 0):
+            return sample
+        sched = self.scheduler
+        i, n = self.step, sched.num_inference_steps
+        t_cur, t_next = sched.sigmas[i].item(), sched.sigmas[i + 1].item()
+        if not sched.config.s_min <= t_cur <= sched.config.s_max:
+            return sample
+        t_target = t_cur * (1 + min(self.CHURN / n, math.sqrt(2) - 1))
+        mask = self.log_ratio < 0
+        if t_target <= sigma or not bool(mask.any()):
+            return sample
+        # Each sample its own noise stream (per-seed generators), drawn only for the lifted samples.
+        noise = torch.zeros_like(sample)
+        for b in torch.nonzero(mask).flatten().tolist():
+            gen = generator[b] if isinstance(generator, (list, tuple)) else generator
+            noise[b] = torch.randn(sample.shape[1:], generator=gen, device=gen.device if gen is not None else "cpu",
+                                   dtype=sample.dtype).to(sample.device)
+        std = math.sqrt(t_target**2 - sigma**2)
+        view = (-1,) + (1,) * (sample.ndim - 1)
+        lifted = sample + std * noise
+        sample = torch.where(mask.reshape(view), lifted, sample)
+        # The scheduler steps the whole batch from `sigma`; a lifted sample's step from t_target to t_next
+        # equals the scheduler's step with its derivative scaled by k (exact for the EDM linear schedule).
+        as64 = dict(dtype=torch.float64, device=mask.device)
+        sigma_per_sample = torch.where(mask, torch.tensor(t_target, **as64), torch.tensor(sigma, **as64))
+        k = (t_next - sigma_per_sample) / (t_next - sigma)
+        self._churn = (mask, sigma_per_sample, k.reshape(view))
+        return sample
+
+    def evaluation_sigma(self, t, first_order: bool):
+        """The noise level to denoise at: ``t``, or one per sample on an extra-churn step."""
+        if first_order and self._churn is not None:
+            return self._churn[1]
+        return t
+
+    def _sigmas(self, sigma: float, batch: int, device, first_order: bool) -> torch.Tensor:
+        if first_order and self._churn is not None:
+            return self._churn[1]
+        return torch.full((batch,), float(sigma), dtype=torch.float64, device=device)
+
+    def guide(self, denoised: torch.Tensor, model_input: torch.Tensor, sigma: float, first_order: bool) -> torch.Tensor:
+        """The denoised estimate to hand to ``scheduler.step`` (D_dg, adapted for extra-churned samples)."""
+        weight = self.weights[0 if first_order else 1]
+        sigmas = self._sigmas(sigma, model_input.shape[0], model_input.device, first_order)
+        if weight != 0:
+            inside = (sigmas >= self.sigma_min) & (sigmas <= self.sigma_max)
+            if bool(inside.any()):
+                log_ratio, grad = discriminator_log_ratio(self.discriminator, model_input, sigmas.to(torch.float32))
+                scale = weight * sigmas.to(torch.float32) ** 2 * inside.to(torch.float32)
+                if first_order and self.boost != 1 and self.step % self.BOOST_PERIOD == 0:
+                    scale = torch.where(log_ratio < 0, scale * self.boost, scale)
+                denoised = denoised + scale.reshape((-1,) + (1,) * (denoised.ndim - 1)) * grad.to(denoised.dtype)
+                if first_order:
+                    self.log_ratio = torch.where(inside, log_ratio, torch.full_like(log_ratio, math.inf))
+            elif first_order:
+                self.log_ratio = torch.full((model_input.shape[0],), math.inf, device=model_input.device)
+        if self._churn is not None:
+            denoised = self._rescale_for_churn(denoised, model_input, sigma, first_order)
+        return denoised
+
+    def _rescale_for_churn(self, denoised, x, sigma, first_order):
+        mask, sigma_per_sample, k = self._churn
+        view = k.shape
+        if first_order:  # scheduler: d = (x - D') / sigma; wanted: k (x - D) / t_target
+            own = sigma_per_sample.reshape(view).to(x.dtype)
+            rescaled = x - sigma * k.to(x.dtype) * (x - denoised) / own
+        else:  # scheduler: d' = (x - D'') / t_next; wanted: k (x - D) / t_next
+            rescaled = x - k.to(x.dtype) * (x - denoised)
+            self._churn = None
+        return torch.where(mask.reshape(view), rescaled, denoised)
 
 
 class EchoDiffPipeline(DiffusionPipeline):
@@ -121,6 +274,13 @@ class EchoDiffPipeline(DiffusionPipeline):
         class_labels: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        discriminator=None,
+        dg_weight_first_order: float = 0.0,
+        dg_weight_second_order: float = 0.0,
+        dg_boost: float = 1.0,
+        dg_boost_churn: bool = False,
+        dg_sigma_min: float = DG_SIGMA_MIN,
+        dg_sigma_max: float | None = None,
         **scheduler_overrides,
     ) -> ImagePipelineOutput | tuple:
         """Generate images.
@@ -132,6 +292,15 @@ class EchoDiffPipeline(DiffusionPipeline):
             class_labels: (B, label_dim) float, for networks with ``label_dim > 0``.
             output_type: "pil" (PIL images), "np" (uint8 (B, H, W, C)), "pt" (uint8 (B, C, H, W)), all written
                 as EDM writes images; or "latent" (the raw float32 samples (B, C, H, W), about [-1, 1]).
+            discriminator: a discriminator for this call instead of the pipeline's (any module
+                ``discriminator(x, sigma) -> logit of "real"``).
+            dg_weight_first_order, dg_weight_second_order: Discriminator Guidance weight w on Euler evaluations
+                and on Heun corrections: D_dg = D + w sigma^2 grad_x log r (paper: 5 and 0). Both 0 (default):
+                no guidance, bitwise the plain sampler; a second-order weight of 0 skips the discriminator there.
+            dg_boost: on steps 0, 2, 4, ... the first-order DG vector of samples with log r < 0 is multiplied by
+                this (the paper's "scaling of 2"; 1 = off).
+            dg_boost_churn: the DG reference's extra churn (S_churn 4 every fifth step) for samples with log r < 0.
+            dg_sigma_min, dg_sigma_max: guidance only for sigma in this window (default 0.0447 .. no limit).
             scheduler_overrides: sampler settings for this call only (s_churn, s_min, s_max, s_noise, solver,
                 discretization, sigma_min, sigma_max, rho).
         """
@@ -157,6 +326,15 @@ class EchoDiffPipeline(DiffusionPipeline):
         if scheduler_overrides:  # a configured copy, so the pipeline's own scheduler stays as saved
             scheduler = type(self.scheduler).from_config(self.scheduler.config, **scheduler_overrides)
         scheduler.set_timesteps(num_inference_steps, device=device)
+        guidance = DiscriminatorGuidance(
+            self.discriminator if discriminator is None else discriminator, scheduler, dg_weight_first_order,
+            dg_weight_second_order, dg_boost, dg_boost_churn, dg_sigma_min,
+            math.inf if dg_sigma_max is None else dg_sigma_max,
+        )
+        if guidance.active:
+            guidance.discriminator = self._discriminator_for_sampling(guidance.discriminator)
+        else:
+            guidance = None  # DG off: the loop below is exactly the plain sampler
 
         # The sampler runs in float64, as EDM's does (MPS has no float64).
         sample_dtype = torch.float32 if device.type == "mps" else torch.float64
@@ -164,17 +342,25 @@ class EchoDiffPipeline(DiffusionPipeline):
         sample = noise.to(sample_dtype) * scheduler.init_noise_sigma
 
         # Sampling never wants dropout: a network still in training mode is switched to eval for this call.
-        was_training = isinstance(self.unet, torch.nn.Module) and self.unet.training
-        if was_training:
-            self.unet.eval()
+        in_training = [m for m in (self.unet, guidance and guidance.discriminator)
+                       if isinstance(m, torch.nn.Module) and m.training]
+        for module in in_training:
+            module.eval()
         try:
             for t in self.progress_bar(scheduler.timesteps):
+                sigma = t
+                if guidance is not None:
+                    first_order = scheduler.state_in_first_order
+                    sample = guidance.before_evaluation(sample, float(t), first_order, generator)
+                    sigma = guidance.evaluation_sigma(t, first_order)
                 model_input = scheduler.scale_model_input(sample, t)
-                denoised = self.denoise(model_input, t, class_labels, scheduler=scheduler)
+                denoised = self.denoise(model_input, sigma, class_labels, scheduler=scheduler)
+                if guidance is not None:
+                    denoised = guidance.guide(denoised, model_input, float(t), first_order)
                 sample = scheduler.step(denoised, t, sample, generator=generator).prev_sample
         finally:
-            if was_training:
-                self.unet.train()
+            for module in in_training:
+                module.train()
 
         images = sample.to(torch.float32)
         if output_type != "latent":
@@ -188,6 +374,13 @@ class EchoDiffPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _discriminator_for_sampling(self, discriminator):
+        """A discriminator that reads the UNet's encoder (feature_source "unet") is bound to this pipeline's UNet."""
+        config = getattr(discriminator, "config", None)
+        if getattr(config, "feature_source", None) == "unet" and getattr(discriminator, "bound_unet", None) is not self.unet:
+            discriminator.bind_unet(self.unet)
+        return discriminator
 
     # ----- saving and loading -----------------------------------------------------------------------------
 

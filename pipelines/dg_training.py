@@ -1,0 +1,561 @@
+"""Training and epoch selection for the Discriminator Guidance discriminator (paper section 4).
+
+The discriminator learns to tell real frames from the diffusion model's unguided samples after both
+are noised by the forward process at the same sigma (``x = y + sigma * n``); BCE on one "real" logit.
+Every epoch is checkpointed (safetensors); a rerun of the same command resumes after the last
+finished epoch. Epoch selection scores each saved epoch by the FID of DG samples, as the paper does,
+and records the epoch -> FID table.
+
+Output layout of ``train_discriminator``::
+
+    out_dir/checkpoints/epoch-001/discriminator/   config.json + diffusion_pytorch_model.safetensors
+    out_dir/checkpoints/epoch-001/state.json       epoch, steps, validation metrics
+    out_dir/checkpoints/epoch-NNN/optimizer.safetensors   (latest epoch only, for resuming)
+    out_dir/history.json                           per-epoch metrics
+    out_dir/logs/                                  tensorboard (loss, accuracy per sigma bucket)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from pipelines.discriminator import EchoDiffDiscriminator
+from pipelines.utils import to_float
+
+SIGMA_DISTRIBUTIONS = ("log-uniform", "log-normal")
+DISCRIMINATOR_VARIANTS = ("adm", "unet-encoder")
+CHECKPOINTS = "checkpoints"
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise levels
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class SigmaDistribution:
+    """Training noise levels: ``log-uniform`` over [sigma_min, sigma_max] (default: the sampler's range
+    0.002..80) or ``log-normal`` ln(sigma) ~ N(p_mean, p_std) (EDM's training distribution)."""
+
+    kind: str = "log-uniform"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    def __post_init__(self):
+        if self.kind not in SIGMA_DISTRIBUTIONS:
+            raise ValueError(f"sigma distribution must be one of {SIGMA_DISTRIBUTIONS}, got {self.kind!r}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma range must satisfy 0 < sigma_min < sigma_max, got "
+                             f"[{self.sigma_min}, {self.sigma_max}]")
+        if not self.p_std > 0:
+            raise ValueError(f"p_std must be positive, got {self.p_std}")
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n,) float32 noise levels on the CPU."""
+        if self.kind == "log-uniform":
+            lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+            log_sigma = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+        else:
+            log_sigma = self.p_mean + self.p_std * torch.randn(n, generator=generator, dtype=torch.float64)
+        return log_sigma.exp().float()
+
+
+def sigma_buckets(sigma_min: float, sigma_max: float, num_buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """Log-spaced bucket edges (num_buckets + 1) and each bucket's geometric centre."""
+    if num_buckets < 1:
+        raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+    edges = np.geomspace(sigma_min, sigma_max, num_buckets + 1)
+    return edges, np.sqrt(edges[:-1] * edges[1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# Discriminator construction
+# --------------------------------------------------------------------------------------------------
+def discriminator_config(variant: str = "adm", tiny: bool = False) -> dict[str, Any]:
+    """Architecture presets. ``adm``: from-scratch encoder shaped like ADM's noisy classifier (width
+    128, [1,2,3,4], 2 blocks, attention at 16 and 8, attention pooling; ~29M parameters at 64x64).
+    ``unet-encoder``: a small head (~3M at the ADM's 768x8x8 features) like the DG reference's."""
+    if variant not in DISCRIMINATOR_VARIANTS:
+        raise ValueError(f"variant must be one of {DISCRIMINATOR_VARIANTS}, got {variant!r}")
+    if tiny:
+        return dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8, 4),
+                    head_channels=8)
+    if variant == "adm":
+        return dict(model_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                    attention_resolutions=(16, 8), head_channels=64)
+    return dict(model_channels=128, channel_mult=(1,), num_res_blocks=2, attention_resolutions=(8, 4, 2),
+                head_channels=64)
+
+
+def build_discriminator(variant: str = "adm", resolution: int = 64, channels: int = 1, unet=None,
+                        preconditioning: str = "edm", sigma_data: float = 0.5, tiny: bool = False,
+                        **overrides) -> EchoDiffDiscriminator:
+    """A fresh discriminator. ``unet-encoder`` needs the trained ``unet`` (its frozen encoder is shared)."""
+    config = discriminator_config(variant, tiny)
+    config.update(preconditioning=preconditioning, sigma_data=sigma_data)
+    config.update(overrides)
+    if variant == "unet-encoder":
+        if unet is None:
+            raise ValueError("variant 'unet-encoder' needs the trained diffusion UNet (unet=...)")
+        unet.requires_grad_(False)
+        return EchoDiffDiscriminator.for_unet(unet, sample_size=resolution, in_channels=channels, **config)
+    return EchoDiffDiscriminator(sample_size=resolution, in_channels=channels, **config)
+
+
+def preconditioning_of(pipeline) -> dict[str, Any]:
+    """The input-scaling fields of the discriminator config that match a pipeline's scheduler."""
+    pre = pipeline.scheduler.preconditioning
+    kind = getattr(pre, "kind", None) or pipeline.scheduler.config.get("preconditioning", "edm")
+    out = {"preconditioning": kind, "sigma_data": float(getattr(pre, "sigma_data", 0.5))}
+    for name in ("vp_beta_d", "vp_beta_min", "vp_M"):
+        if hasattr(pre, name):
+            out[name] = getattr(pre, name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+def _check_images(images: np.ndarray, name: str) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"{name}: expected uint8 images (N, C, H, W), got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise ValueError(f"{name}: no images")
+    return images
+
+
+@dataclass
+class RealFakeSplit:
+    """Real (label 1) and generated (label 0) uint8 images, split into train and validation indices."""
+
+    images: np.ndarray  # (N, C, H, W) uint8, real first
+    labels: np.ndarray  # (N,) float32
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+
+
+def make_real_fake_split(real: np.ndarray, fake: np.ndarray, val_fraction: float = 0.1, balance: bool = True,
+                         seed: int = 0) -> RealFakeSplit:
+    """Seeded train/validation split (stratified by label); ``balance`` subsamples the larger side."""
+    real, fake = _check_images(real, "real images"), _check_images(fake, "generated images")
+    if real.shape[1:] != fake.shape[1:]:
+        raise ValueError(f"real images {real.shape[1:]} and generated images {fake.shape[1:]} differ in shape")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    if balance:
+        n = min(len(real), len(fake))
+        real = real[np.sort(rng.permutation(len(real))[:n])]
+        fake = fake[np.sort(rng.permutation(len(fake))[:n])]
+    images = np.concatenate([real, fake])
+    labels = np.concatenate([np.ones(len(real), np.float32), np.zeros(len(fake), np.float32)])
+    train, val = [], []
+    for start, count in ((0, len(real)), (len(real), len(fake))):
+        order = start + rng.permutation(count)
+        n_val = int(round(val_fraction * count))
+        val.append(order[:n_val])
+        train.append(order[n_val:])
+    return RealFakeSplit(images, labels, np.sort(np.concatenate(train)), np.sort(np.concatenate(val)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints (safetensors only; optimizer state flattened to tensors + JSON)
+# --------------------------------------------------------------------------------------------------
+def epoch_dir(out_dir: str | os.PathLike, epoch: int) -> Path:
+    return Path(out_dir) / CHECKPOINTS / f"epoch-{epoch:03d}"
+
+
+def saved_epochs(out_dir: str | os.PathLike) -> list[int]:
+    """Epochs whose checkpoint finished writing (state.json is written last)."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    epochs = []
+    for d in root.iterdir():
+        if d.name.startswith("epoch-") and (d / "state.json").is_file():
+            try:
+                epochs.append(int(d.name.split("-", 1)[1]))
+            except ValueError:
+                continue
+    return sorted(epochs)
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "param_groups" not in metadata:
+        raise ValueError(f"{path}: not an optimizer state written by save_optimizer_state")
+    tensors = load_file(str(path))
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in list(tensors.items()) + list(json.loads(metadata["scalars"]).items()):
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = json.loads(metadata["param_groups"])
+    for group in groups:  # JSON turned tuples (Adam's betas) into lists
+        for key, value in group.items():
+            if key != "params" and isinstance(value, list):
+                group[key] = tuple(value)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def load_epoch_discriminator(out_dir: str | os.PathLike, epoch: int, unet=None) -> EchoDiffDiscriminator:
+    path = epoch_dir(out_dir, epoch) / "discriminator"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no discriminator checkpoint for epoch {epoch} at {path}")
+    model = EchoDiffDiscriminator.from_pretrained(str(path))
+    if model.config.feature_source == "unet":
+        if unet is None:
+            raise ValueError(f"{path}: a 'unet-encoder' discriminator needs the diffusion UNet (unet=...)")
+        model.bind_unet(unet)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DiscriminatorTrainingConfig:
+    """Defaults follow the DG reference: Adam lr 3e-4, weight decay 1e-7, batch 128, 50 epochs."""
+
+    num_epochs: int = 50
+    batch_size: int = 128
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-7
+    val_fraction: float = 0.1
+    balance: bool = True
+    sigma: SigmaDistribution = field(default_factory=SigmaDistribution)
+    num_val_buckets: int = 8
+    val_batch_size: int = 256
+    seed: int = 0
+    log_every: int = 50
+
+    def __post_init__(self):
+        for name in ("num_epochs", "batch_size", "val_batch_size", "num_val_buckets", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0 or self.weight_decay < 0:
+            raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {self.learning_rate}, "
+                             f"{self.weight_decay}")
+        if isinstance(self.sigma, dict):
+            self.sigma = SigmaDistribution(**self.sigma)
+
+
+def _noised(images_u8: np.ndarray, sigma: torch.Tensor, generator: torch.Generator, device) -> torch.Tensor:
+    clean = to_float(torch.from_numpy(images_u8))
+    noise = torch.randn(clean.shape, generator=generator)
+    return (clean + sigma[:, None, None, None] * noise).to(device)
+
+
+@torch.no_grad()
+def evaluate_discriminator(model, data: RealFakeSplit, config: DiscriminatorTrainingConfig, device,
+                           indices: np.ndarray | None = None) -> dict[str, float]:
+    """Validation loss/accuracy at fixed noise per sigma bucket (same noise every epoch)."""
+    indices = data.val_indices if indices is None else indices
+    _, centres = sigma_buckets(config.sigma.sigma_min, config.sigma.sigma_max, config.num_val_buckets)
+    metrics: dict[str, float] = {}
+    if len(indices) == 0:
+        return metrics
+    total_correct, total_loss, total = 0.0, 0.0, 0
+    for bucket, centre in enumerate(centres):
+        generator = torch.Generator().manual_seed(config.seed * 1000 + 7919 + bucket)
+        correct, loss_sum = 0.0, 0.0
+        for start in range(0, len(indices), config.val_batch_size):
+            idx = indices[start:start + config.val_batch_size]
+            sigma = torch.full((len(idx),), float(centre))
+            x = _noised(data.images[idx], sigma, generator, device)
+            labels = torch.from_numpy(data.labels[idx]).to(device)
+            logits = model(x, sigma.to(device)).logits
+            loss_sum += F.binary_cross_entropy_with_logits(logits, labels, reduction="sum").item()
+            correct += ((logits > 0).float() == labels).sum().item()
+        metrics[f"val/accuracy_sigma_{centre:.3g}"] = correct / len(indices)
+        metrics[f"val/loss_sigma_{centre:.3g}"] = loss_sum / len(indices)
+        total_correct += correct
+        total_loss += loss_sum
+        total += len(indices)
+    metrics["val/accuracy"] = total_correct / total
+    metrics["val/loss"] = total_loss / total
+    return metrics
+
+
+def train_discriminator(model: EchoDiffDiscriminator, data: RealFakeSplit, out_dir: str | os.PathLike,
+                        config: DiscriminatorTrainingConfig | None = None, accelerator=None,
+                        progress: bool = True) -> list[dict[str, Any]]:
+    """Train ``model`` for ``config.num_epochs`` epochs, checkpointing every epoch; resumes after the
+    last finished epoch found in ``out_dir``. Returns the per-epoch history (also in history.json)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    config = config or DiscriminatorTrainingConfig()
+    out_dir = Path(out_dir)
+    own_accelerator = accelerator is None
+    if own_accelerator:
+        accelerator = Accelerator(log_with="tensorboard", project_dir=str(out_dir / "logs"))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes {world}")
+    if len(data.train_indices) < config.batch_size:
+        raise ValueError(f"only {len(data.train_indices)} training images for a batch size of {config.batch_size}")
+    local_batch = config.batch_size // world
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    done = saved_epochs(out_dir)
+    history: list[dict[str, Any]] = []
+    start_epoch = 1
+    if done:
+        last = done[-1]
+        state_dir = epoch_dir(out_dir, last)
+        resumed = EchoDiffDiscriminator.from_pretrained(str(state_dir / "discriminator"))
+        model.load_state_dict(resumed.state_dict())
+        if not (state_dir / "optimizer.safetensors").is_file():
+            raise FileNotFoundError(f"{state_dir}/optimizer.safetensors missing: cannot resume exactly")
+        load_optimizer_state(optimizer, state_dir / "optimizer.safetensors")
+        history_path = out_dir / "history.json"
+        history = json.loads(history_path.read_text()) if history_path.is_file() else []
+        history = [h for h in history if h["epoch"] <= last]
+        start_epoch = last + 1
+        accelerator.print(f"resuming discriminator training after epoch {last} ({out_dir})")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.init_trackers("discriminator", config={k: v for k, v in _flat_config(config).items()})
+    steps_per_epoch = len(data.train_indices) // config.batch_size  # drop the last partial batch
+    global_step = (start_epoch - 1) * steps_per_epoch
+
+    for epoch in range(start_epoch, config.num_epochs + 1):
+        model.train()
+        order = torch.randperm(len(data.train_indices),
+                               generator=torch.Generator().manual_seed(config.seed * 100003 + epoch)).numpy()
+        noise_gen = torch.Generator().manual_seed((config.seed * 100003 + epoch) * 64 + rank + 1)
+        running, count = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"discriminator epoch {epoch}/{config.num_epochs}",
+                   disable=not (progress and accelerator.is_main_process))
+        for step in bar:
+            batch = order[step * config.batch_size:(step + 1) * config.batch_size][rank::world]
+            idx = data.train_indices[np.sort(batch)]
+            sigma = config.sigma.sample(local_batch, noise_gen)
+            x = _noised(data.images[idx], sigma, noise_gen, accelerator.device)
+            labels = torch.from_numpy(data.labels[idx]).to(accelerator.device)
+            logits = model(x, sigma.to(accelerator.device)).logits
+            loss = F.binary_cross_entropy_with_logits(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            global_step += 1
+            running += loss.item()
+            count += 1
+            if global_step % config.log_every == 0:
+                accelerator.log({"train/loss": running / count}, step=global_step)
+                bar.set_postfix(loss=f"{running / count:.4f}")
+        model.eval()
+        metrics = evaluate_discriminator(accelerator.unwrap_model(model), data, config, accelerator.device)
+        record = {"epoch": epoch, "step": global_step, "train/loss": running / max(count, 1), **metrics}
+        accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=global_step)
+        history.append(record)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _save_epoch(out_dir, epoch, accelerator.unwrap_model(model), optimizer, record, history)
+        accelerator.wait_for_everyone()
+        accelerator.print(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                                         if k in ("train/loss", "val/loss", "val/accuracy")))
+    if own_accelerator:
+        accelerator.end_training()
+    return history
+
+
+def _flat_config(config: DiscriminatorTrainingConfig) -> dict[str, Any]:
+    flat = {}
+    for key, value in asdict(config).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _save_epoch(out_dir: Path, epoch: int, model, optimizer, record: dict, history: list) -> None:
+    """Write the epoch's checkpoint atomically (temp dir + rename); keep optimizer state for the newest only."""
+    final = epoch_dir(out_dir, epoch)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp / "discriminator"))
+    save_optimizer_state(optimizer, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for older in saved_epochs(out_dir):
+        if older != epoch:
+            (epoch_dir(out_dir, older) / "optimizer.safetensors").unlink(missing_ok=True)
+    _atomic_write(out_dir / "history.json", json.dumps(history, indent=2))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Epoch selection
+# --------------------------------------------------------------------------------------------------
+def select_best_epoch(out_dir: str | os.PathLike, score_epoch: Callable[[int], float],
+                      epochs: Sequence[int] | None = None, table_name: str = "epoch_selection",
+                      metric_name: str = "FID", settings: dict | None = None) -> tuple[int, list[dict]]:
+    """Score each saved epoch (lower is better) and return (best epoch, table).
+
+    ``score_epoch(epoch)`` returns e.g. the FID of DG samples with that epoch's discriminator. The
+    table is rewritten after every epoch to ``<table_name>.json`` and ``.md``, so an interrupted
+    selection resumes with the epochs already scored.
+    """
+    out_dir = Path(out_dir)
+    available = saved_epochs(out_dir)
+    if not available:
+        raise FileNotFoundError(f"no finished discriminator epochs under {out_dir / CHECKPOINTS}")
+    wanted = available if epochs is None else list(epochs)
+    missing = sorted(set(wanted) - set(available))
+    if missing:
+        raise ValueError(f"epochs {missing} have no checkpoint under {out_dir / CHECKPOINTS} (have {available})")
+    json_path = out_dir / f"{table_name}.json"
+    previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    if previous and previous.get("settings") != (settings or {}):
+        raise ValueError(f"{json_path} was scored with other settings {previous.get('settings')}; "
+                         f"delete it or use another table_name")
+    scores = {int(row["epoch"]): float(row[metric_name]) for row in previous.get("table", [])}
+    for epoch in wanted:
+        if epoch not in scores:
+            scores[epoch] = float(score_epoch(epoch))
+            _write_selection(out_dir, table_name, scores, metric_name, settings)
+    table = [{"epoch": e, metric_name: scores[e]} for e in sorted(scores) if e in wanted]
+    best = min(table, key=lambda row: (row[metric_name], row["epoch"]))["epoch"]
+    _write_selection(out_dir, table_name, scores, metric_name, settings)
+    return best, table
+
+
+def _write_selection(out_dir: Path, table_name: str, scores: dict[int, float], metric_name: str,
+                     settings: dict | None) -> None:
+    table = [{"epoch": e, metric_name: scores[e]} for e in sorted(scores)]
+    finite = [row for row in table if math.isfinite(row[metric_name])]
+    best = min(finite, key=lambda row: (row[metric_name], row["epoch"]))["epoch"] if finite else None
+    _atomic_write(out_dir / f"{table_name}.json",
+                  json.dumps({"metric": metric_name, "best_epoch": best, "settings": settings or {},
+                              "table": table}, indent=2))
+    lines = [f"| epoch | {metric_name} |", "|---:|---:|"]
+    for row in table:
+        mark = " (best)" if row["epoch"] == best else ""
+        lines.append(f"| {row['epoch']}{mark} | {row[metric_name]:.4f} |")
+    _atomic_write(out_dir / f"{table_name}.md", "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Orchestration used by train_discriminator.py: data sources, FID scoring, export
+# --------------------------------------------------------------------------------------------------
+DG_PAPER_SETTINGS = {"dg_weight_first_order": 5.0, "dg_weight_second_order": 0.0, "dg_boost": 2.0}
+
+
+def real_images(dataset: str | os.PathLike, split: str = "train", num: int | None = 50_000, seed: int = 0,
+                channels: int | None = None) -> np.ndarray:
+    """A seeded subsample of ``num`` real frames (all when ``num`` is None or larger) as uint8 NCHW."""
+    from pipelines.data.echonet_frames import FrameDataset
+
+    frames = FrameDataset(dataset, split=split, channels=channels)
+    indices = None
+    if num is not None and num < len(frames):
+        indices = np.sort(np.random.default_rng(seed).choice(len(frames), size=num, replace=False))
+    return frames.images_uint8(indices)
+
+
+def generated_images(source: str | os.PathLike | None = None, pipeline=None, out_dir: str | os.PathLike | None = None,
+                     num: int | None = 50_000, num_inference_steps: int = 30, batch_size: int = 64,
+                     accelerator=None, seed_offset: int = 0, progress: bool = True) -> np.ndarray:
+    """Unguided samples: loaded from ``source`` (.npz, shard or PNG folder), or generated from ``pipeline``
+    into ``out_dir`` (per-seed, resumable shards; seeds ``seed_offset .. seed_offset + num - 1``)."""
+    from pipelines.generation import generate_images, load_images
+
+    if source is not None:
+        images = load_images(source)
+        return images if num is None else images[:num]
+    if pipeline is None or out_dir is None or num is None:
+        raise ValueError("generated images need either a source (.npz / shard / PNG folder) or a pipeline, "
+                         "an output folder and a count")
+    seeds = list(range(seed_offset, seed_offset + num))
+    generate_images(pipeline, out_dir, seeds, batch_size=batch_size, num_inference_steps=num_inference_steps,
+                    accelerator=accelerator, run_info={"purpose": "discriminator training (unguided)"},
+                    progress=progress)
+    return load_images(out_dir, seeds=seeds)
+
+
+def attach_discriminator(pipeline, discriminator) -> None:
+    """Make ``discriminator`` the pipeline's component (bound to its UNet when it uses the UNet's encoder)."""
+    if discriminator is not None and getattr(discriminator.config, "feature_source", "pixels") == "unet":
+        discriminator.bind_unet(pipeline.unet)
+    pipeline.register_modules(discriminator=discriminator)
+    if discriminator is not None:
+        discriminator.to(pipeline.device).eval()
+
+
+def fid_epoch_scorer(pipeline, out_dir: str | os.PathLike, frames, seeds: Sequence[int],
+                     num_inference_steps: int = 30, gen_batch_size: int = 64, accelerator=None,
+                     fid_options: dict | None = None, progress: bool = True,
+                     **dg_kwargs) -> Callable[[int], float]:
+    """``score(epoch)`` = FID of DG samples (``seeds``) with that epoch's discriminator, as the paper
+    selects epochs. Samples go to ``out_dir/selection/epoch-NNN`` (resumable, features cached)."""
+    from pipelines.evaluation import fid_of_samples
+
+    out_dir = Path(out_dir)
+
+    def score(epoch: int) -> float:
+        attach_discriminator(pipeline, load_epoch_discriminator(out_dir, epoch, unet=pipeline.unet))
+        result = fid_of_samples(pipeline, out_dir / "selection" / f"epoch-{epoch:03d}", list(seeds), frames,
+                                num_inference_steps=num_inference_steps, gen_batch_size=gen_batch_size,
+                                accelerator=accelerator, kid=False, progress=progress,
+                                run_info={"discriminator_epoch": epoch}, **(fid_options or {}), **dg_kwargs)
+        if accelerator is not None:
+            # every process needs the score to pick the same best epoch
+            value = torch.tensor([result["fid"] if result is not None else 0.0], device=accelerator.device)
+            return float(accelerator.reduce(value, reduction="sum").item())
+        return float(result["fid"])
+
+    return score
+
+
+def export_guided_pipeline(pipeline, discriminator, out_dir: str | os.PathLike, dg_settings: dict | None = None,
+                           selection: dict | None = None) -> Path:
+    """Save the unguided pipeline plus the chosen discriminator as one pipeline folder.
+
+    ``dg_settings`` (the sampler arguments DG was scored with) and ``selection`` (the epoch -> FID
+    table) go to ``dg_settings.json`` in the folder; sampling stays unguided unless the caller passes
+    the DG arguments, e.g. ``pipe(seeds=..., **json.load(open(folder / "dg_settings.json"))["sampler"])``.
+    """
+    out_dir = Path(out_dir)
+    attach_discriminator(pipeline, discriminator)
+    pipeline.save_pretrained(str(out_dir))
+    _atomic_write(out_dir / "dg_settings.json",
+                  json.dumps({"sampler": dg_settings or {}, "selection": selection or {}}, indent=2))
+    return out_dir

@@ -1,0 +1,338 @@
+"""Discriminator model, its training loop (resume, accuracy) and epoch selection."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.dg_training import (
+    DiscriminatorTrainingConfig,
+    SigmaDistribution,
+    build_discriminator,
+    load_epoch_discriminator,
+    load_optimizer_state,
+    make_real_fake_split,
+    save_optimizer_state,
+    saved_epochs,
+    select_best_epoch,
+    sigma_buckets,
+    train_discriminator,
+)
+from pipelines.discriminator import EchoDiffDiscriminator, input_scaling, logits_of
+
+TINY = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), head_channels=8)
+
+
+def tiny_disc(**kw):
+    torch.manual_seed(0)
+    return EchoDiffDiscriminator(sample_size=16, in_channels=1, **{**TINY, **kw})
+
+
+def tiny_adm_unet():
+    from pipelines.networks import build_network, tiny_config
+
+    torch.manual_seed(1)
+    return build_network("adm", channels=1, **tiny_config("adm")).eval()
+
+
+# ------------------------------------------------------------------ input scaling
+@pytest.mark.parametrize("sigma", [0.002, 0.5, 3.0, 80.0])
+def test_input_scaling_matches_karras_table1_by_hand(sigma):
+    s = torch.tensor([sigma], dtype=torch.float64)
+    c_in, c_noise = input_scaling(s, "edm", sigma_data=0.5)
+    assert c_in.item() == pytest.approx(1 / math.sqrt(sigma**2 + 0.25), rel=1e-12)
+    assert c_noise.item() == pytest.approx(math.log(sigma) / 4, rel=1e-12)
+    c_in, c_noise = input_scaling(s, "ve")
+    assert c_in.item() == 1.0 and c_noise.item() == pytest.approx(math.log(sigma / 2), rel=1e-12)
+    # VP: c_noise = 999 t with sigma(t) = sqrt(exp(19.9 t^2 / 2 + 0.1 t) - 1); invert by bisection.
+    lo, hi = 0.0, 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if math.sqrt(math.exp(19.9 * mid**2 / 2 + 0.1 * mid) - 1) < sigma else (lo, mid)
+    c_in, c_noise = input_scaling(s, "vp")
+    assert c_in.item() == pytest.approx(1 / math.sqrt(sigma**2 + 1), rel=1e-12)
+    assert c_noise.item() == pytest.approx(999 * lo, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["edm", "vp", "ve"])
+def test_input_scaling_agrees_with_scheduler_preconditioning(kind):
+    from pipelines.scheduling_edm_heun import EDMPreconditioning
+
+    pre = EDMPreconditioning(kind=kind)
+    sigma = torch.tensor([0.03, 0.2, 1.0, 7.0, 60.0], dtype=torch.float64)
+    _, _, c_in, c_noise = pre.coefficients(sigma)
+    mine_in, mine_noise = input_scaling(sigma, kind)
+    torch.testing.assert_close(torch.as_tensor(c_in, dtype=torch.float64).reshape(-1), mine_in, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.as_tensor(c_noise, dtype=torch.float64).reshape(-1), mine_noise,
+                               rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------ model
+def test_logits_shape_batch_independence_and_gradient():
+    disc = tiny_disc().eval()
+    x = torch.randn(5, 1, 16, 16)
+    sigma = torch.tensor([0.01, 0.1, 1.0, 10.0, 80.0])
+    logits = disc(x, sigma).logits
+    assert logits.shape == (5,) and logits.dtype == torch.float32
+    alone = disc(x[2:3], sigma[2:3]).logits
+    torch.testing.assert_close(alone, logits[2:3], rtol=1e-5, atol=1e-6)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(disc(xg, sigma).logits.sum(), xg)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # sigma conditions the output (the noise embedding is used)
+    assert not torch.allclose(disc(x, 0.01).logits, disc(x, 50.0).logits)
+
+
+def test_save_load_roundtrip_same_logits(tmp_path):
+    disc = tiny_disc(pool="mean").eval()
+    disc.save_pretrained(tmp_path / "d")
+    assert (tmp_path / "d" / "diffusion_pytorch_model.safetensors").is_file()
+    again = EchoDiffDiscriminator.from_pretrained(tmp_path / "d").eval()
+    x = torch.randn(3, 1, 16, 16)
+    # same weights; only float rounding may differ (kernels can depend on tensor memory alignment)
+    torch.testing.assert_close(disc(x, 0.7).logits, again(x, 0.7).logits, rtol=1e-6, atol=1e-7)
+    assert again.config.pool == "mean"
+
+
+def test_logits_of_accepts_tensor_tuple_and_output():
+    t = torch.tensor([[0.5], [-1.0]])
+    for out in (t, (t,), tiny_disc().eval()(torch.zeros(2, 1, 16, 16), 1.0)):
+        assert logits_of(out).shape == (2,)
+    with pytest.raises(TypeError, match="logits"):
+        logits_of("nope")
+
+
+def test_bad_arguments_name_what_is_wrong():
+    with pytest.raises(ValueError, match="feature_source"):
+        EchoDiffDiscriminator(feature_source="resnet")
+    with pytest.raises(ValueError, match="preconditioning"):
+        EchoDiffDiscriminator(preconditioning="ddpm")
+    with pytest.raises(ValueError, match="for_unet"):
+        EchoDiffDiscriminator(feature_source="unet")
+    with pytest.raises(ValueError, match="divisible"):
+        EchoDiffDiscriminator(sample_size=20, channel_mult=(1, 2, 2, 2))
+    disc = tiny_disc()
+    with pytest.raises(ValueError, match="sigma must be a scalar or have one value per sample"):
+        disc(torch.zeros(3, 1, 16, 16), torch.ones(2))
+    with pytest.raises(ValueError, match="sample must be"):
+        disc(torch.zeros(1, 16, 16), 1.0)
+
+
+# ------------------------------------------------------------------ frozen UNet-encoder variant
+def test_unet_encoder_variant_uses_frozen_encoder_and_saves_only_its_head(tmp_path):
+    unet = tiny_adm_unet()
+    decoder_calls = []
+    unet.dec[list(unet.dec.keys())[0]].register_forward_hook(lambda *a: decoder_calls.append(1))
+    disc = build_discriminator("unet-encoder", resolution=16, channels=1, unet=unet, tiny=True).eval()
+    cfg = disc.config
+    assert cfg.feature_source == "unet" and cfg.unet_feature_module == "enc." + list(unet.enc.keys())[-1]
+    assert (cfg.feature_channels, cfg.feature_resolution) == (16, 8)  # tiny ADM: 8 * mult 2 at 16 / 2
+    assert not any(p.requires_grad for p in unet.parameters())
+    x = torch.randn(4, 1, 16, 16, requires_grad=True)
+    logits = disc(x, torch.full((4,), 0.5)).logits
+    (grad,) = torch.autograd.grad(logits.sum(), x)
+    assert grad.abs().sum() > 0  # guidance gradient flows through the frozen encoder
+    assert decoder_calls == []  # the UNet's decoder never runs
+    unet_param_ids = {id(p) for p in unet.parameters()}
+    assert not any(id(p) in unet_param_ids for p in disc.parameters())
+
+    disc.save_pretrained(tmp_path / "d")
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "d" / "diffusion_pytorch_model.safetensors")).keys()
+    assert keys and not any(k.startswith(("enc.", "dec.", "unet")) for k in keys)
+    loaded = EchoDiffDiscriminator.from_pretrained(tmp_path / "d").eval()
+    with pytest.raises(RuntimeError, match="bind_unet"):
+        loaded(x, 0.5)
+    loaded.bind_unet(unet)
+    torch.testing.assert_close(loaded(x.detach(), 0.5).logits, disc(x.detach(), 0.5).logits, rtol=1e-6, atol=1e-7)
+    other = tiny_adm_unet()
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    with pytest.raises(ValueError, match="different UNet"):
+        loaded.bind_unet(other)
+
+
+# ------------------------------------------------------------------ training
+def test_sigma_distributions_cover_the_requested_range():
+    g = torch.Generator().manual_seed(0)
+    s = SigmaDistribution("log-uniform", 0.002, 80.0).sample(20000, g).double()
+    assert s.min() >= 0.002 and s.max() <= 80.0
+    assert s.log().mean().item() == pytest.approx((math.log(0.002) + math.log(80)) / 2, abs=0.05)
+    assert s.log().std().item() == pytest.approx((math.log(80) - math.log(0.002)) / math.sqrt(12), rel=0.02)
+    s = SigmaDistribution("log-normal", p_mean=-1.2, p_std=1.2).sample(20000, g).double()
+    assert s.log().mean().item() == pytest.approx(-1.2, abs=0.03)
+    assert s.log().std().item() == pytest.approx(1.2, rel=0.02)
+    with pytest.raises(ValueError, match="sigma distribution"):
+        SigmaDistribution("uniform")
+    edges, centres = sigma_buckets(0.002, 80, 4)
+    assert edges[0] == pytest.approx(0.002) and edges[-1] == pytest.approx(80)
+    assert np.allclose(np.diff(np.log(edges)), np.log(40000) / 4)
+
+
+def synthetic_real_fake(n=384, seed=0):
+    """Real: smooth blobs; generated: the same blobs with a +-checkerboard texture (a 'model artefact')."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:16, :16]
+
+    def blobs(k):
+        cx, cy = rng.uniform(4, 12, (2, k, 1, 1))
+        img = 60 + 120 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 18.0)
+        return img
+
+    real = blobs(n)
+    fake = blobs(n) + 40 * (((xx + yy) % 2) * 2 - 1)
+    to_u8 = lambda a: np.clip(a, 0, 255).astype(np.uint8)[:, None]  # noqa: E731
+    return to_u8(real), to_u8(fake)
+
+
+def test_make_real_fake_split_is_stratified_balanced_and_checked():
+    real, fake = synthetic_real_fake(100)
+    split = make_real_fake_split(real, fake[:60], val_fraction=0.2, seed=1)
+    assert len(split.images) == 120 and split.labels.sum() == 60  # balanced to the smaller side
+    assert len(np.intersect1d(split.train_indices, split.val_indices)) == 0
+    assert split.labels[split.val_indices].sum() == 12 and len(split.val_indices) == 24
+    with pytest.raises(ValueError, match="generated images"):
+        make_real_fake_split(real, fake.astype(np.float32))
+    with pytest.raises(ValueError, match="differ in shape"):
+        make_real_fake_split(real, fake[:, :, :8])
+
+
+def test_trained_tiny_discriminator_beats_chance_and_resume_is_exact(tmp_path):
+    real, fake = synthetic_real_fake(384)
+    data = make_real_fake_split(real, fake, val_fraction=0.25, seed=0)
+    cfg = DiscriminatorTrainingConfig(num_epochs=4, batch_size=32, learning_rate=2e-3, num_val_buckets=4,
+                                      sigma=SigmaDistribution("log-uniform", 0.002, 80.0), log_every=5)
+
+    full = tiny_disc()
+    history = train_discriminator(full, data, tmp_path / "full", cfg, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert saved_epochs(tmp_path / "full") == [1, 2, 3, 4]
+    last = history[-1]
+    low_sigma = [k for k in last if k.startswith("val/accuracy_sigma_")][0]  # smallest-sigma bucket first
+    high_sigma = [k for k in last if k.startswith("val/accuracy_sigma_")][-1]
+    assert last[low_sigma] > 0.9, last  # the texture is easy to see at low noise
+    assert abs(last[high_sigma] - 0.5) < 0.15, last  # at sigma ~ 30 it is drowned: chance
+    assert last["val/accuracy"] > 0.6
+    # history and tensorboard logs on disk
+    assert json.loads((tmp_path / "full" / "history.json").read_text())[-1]["epoch"] == 4
+    assert any((tmp_path / "full" / "logs").rglob("events.out.tfevents*"))
+    # only the newest epoch keeps optimizer state
+    assert (tmp_path / "full" / "checkpoints" / "epoch-004" / "optimizer.safetensors").is_file()
+    assert not (tmp_path / "full" / "checkpoints" / "epoch-003" / "optimizer.safetensors").is_file()
+
+    # interrupted after 2 epochs, then the same command again: same weights as the straight run
+    part = tiny_disc()
+    train_discriminator(part, data, tmp_path / "part", DiscriminatorTrainingConfig(**{**cfg.__dict__,
+                                                                                    "num_epochs": 2}),
+                        progress=False)
+    resumed = tiny_disc()
+    history2 = train_discriminator(resumed, data, tmp_path / "part", cfg, progress=False)
+    assert [h["epoch"] for h in history2] == [1, 2, 3, 4]
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    reloaded = load_epoch_discriminator(tmp_path / "part", 4)
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(reloaded(x, 0.3).logits, full.eval()(x, 0.3).logits, rtol=1e-6, atol=1e-7)
+
+
+def test_optimizer_state_roundtrip_through_safetensors(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-7)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    save_optimizer_state(opt, tmp_path / "opt.safetensors")
+    fresh = torch.optim.Adam(model.parameters(), lr=5.0)
+    load_optimizer_state(fresh, tmp_path / "opt.safetensors")
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for i in a["state"]:
+        for key in a["state"][i]:
+            assert torch.equal(torch.as_tensor(a["state"][i][key]), torch.as_tensor(b["state"][i][key]))
+
+
+# ------------------------------------------------------------------ epoch selection
+def _fake_checkpoints(root, epochs):
+    for e in epochs:
+        d = root / "checkpoints" / f"epoch-{e:03d}"
+        (d / "discriminator").mkdir(parents=True)
+        (d / "state.json").write_text(json.dumps({"epoch": e}))
+    (root / "checkpoints" / "epoch-009.tmp").mkdir()  # an interrupted save is ignored
+
+
+def test_select_best_epoch_picks_minimum_records_tables_and_resumes(tmp_path):
+    _fake_checkpoints(tmp_path, [1, 2, 3, 4])
+    fid = {1: 9.0, 2: 4.5, 3: 3.2, 4: 3.9}
+    calls = []
+
+    def score(epoch):
+        calls.append(epoch)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # interrupted while scoring epoch 3
+        return fid[epoch]
+
+    with pytest.raises(KeyboardInterrupt):
+        select_best_epoch(tmp_path, score, settings={"n": 10})
+    saved = json.loads((tmp_path / "epoch_selection.json").read_text())
+    assert [row["epoch"] for row in saved["table"]] == [1, 2]
+    calls.clear()
+    best, table = select_best_epoch(tmp_path, lambda e: calls.append(e) or fid[e], settings={"n": 10})
+    assert calls == [3, 4]  # epochs 1 and 2 are not scored again
+    assert best == 3 and [r["FID"] for r in table] == [9.0, 4.5, 3.2, 3.9]
+    md = (tmp_path / "epoch_selection.md").read_text()
+    assert "| 3 (best) | 3.2000 |" in md
+    assert json.loads((tmp_path / "epoch_selection.json").read_text())["best_epoch"] == 3
+    with pytest.raises(ValueError, match="other settings"):
+        select_best_epoch(tmp_path, fid.get, settings={"n": 50})
+    with pytest.raises(ValueError, match="no checkpoint"):
+        select_best_epoch(tmp_path, fid.get, epochs=[7], settings={"n": 10})
+
+
+# ------------------------------------------------------------------ train_discriminator.py end to end
+def test_train_discriminator_cli_trains_selects_by_fid_and_exports_a_dg_pipeline(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_discriminator
+    from pipelines.data.echonet_frames import build_frame_dataset
+    from pipelines.data.synthetic_echonet import write_synthetic_echonet
+    from pipelines.networks import build_network, tiny_config
+    from pipelines.pipeline_echodiff import EchoDiffPipeline
+    from pipelines.scheduling_edm_heun import EDMHeunScheduler
+
+    echonet = write_synthetic_echonet(tmp_path / "echonet", num_videos=6, seed=0, num_frames=(12, 14),
+                                      num_workers=1)
+    build_frame_dataset(echonet, tmp_path / "frames", resolution=16, frame_stride=4, num_workers=1,
+                        progress=False, verbose=False)
+    torch.manual_seed(0)
+    EchoDiffPipeline(unet=build_network("adm", channels=1, **tiny_config("adm")),
+                     scheduler=EDMHeunScheduler()).save_pretrained(tmp_path / "model")
+    out = tmp_path / "dg"
+    argv = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "frames"), "--out", str(out),
+            "--generate-fake", "16", "--num-real", "16", "--steps", "3", "--tiny", "--epochs", "2",
+            "--batch-size", "8", "--val-fraction", "0.25", "--val-buckets", "2", "--selection-seeds", "0-5",
+            "--num-ref", "16", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    try:
+        summary = train_discriminator.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert saved_epochs(out) == [1, 2]
+    selection = json.loads((out / "epoch_selection.json").read_text())
+    fids = {row["epoch"]: row["FID"] for row in selection["table"]}
+    assert set(fids) == {1, 2} and all(np.isfinite(v) and v > 0 for v in fids.values())
+    assert selection["best_epoch"] == min(fids, key=fids.get) == summary["best_epoch"]
+    assert selection["settings"]["dg_weight_first_order"] == 5.0  # the paper's DG settings by default
+    assert len(list((out / "selection" / "epoch-001").glob("shard-*.npz"))) >= 1
+
+    pipe = EchoDiffPipeline.from_pretrained(out / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.discriminator, EchoDiffDiscriminator)
+    best = load_epoch_discriminator(out, selection["best_epoch"])
+    for a, b in zip(best.state_dict().values(), pipe.discriminator.state_dict().values()):
+        assert torch.equal(a, b)
+    settings = json.loads((out / "pipeline" / "dg_settings.json").read_text())
+    guided = pipe(seeds=[0, 1], num_inference_steps=3, output_type="latent", **settings["sampler"]).images
+    plain = pipe(seeds=[0, 1], num_inference_steps=3, output_type="latent").images
+    assert guided.shape == (2, 1, 16, 16) and not torch.equal(guided, plain)
