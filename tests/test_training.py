@@ -1,0 +1,505 @@
+"""train_unconditional.py / pipelines.training: training, exact resume, kill-safe checkpoints, data
+parallelism, argument errors. Tiny networks on a tiny synthetic EchoNet frame dataset, CPU only."""
+
+import json
+import os
+import runpy
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_unconditional
+from pipelines import training
+from pipelines.networks import tiny_config
+from pipelines.training import (
+    ConfigError,
+    TrainConfig,
+    TrainStats,
+    batch_layout,
+    chunk_positions,
+    learning_rate,
+    list_checkpoints,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def frames16(tmp_path_factory):
+    """A 16x16 frame dataset (28 train frames) built from 6 synthetic EchoNet videos."""
+    from pipelines.data.echonet_frames import build_frame_dataset
+    from pipelines.data.synthetic_echonet import write_synthetic_echonet
+
+    root = tmp_path_factory.mktemp("echonet")
+    write_synthetic_echonet(root / "echo", num_videos=6, seed=0, num_workers=1, num_frames=(20, 24))
+    build_frame_dataset(root / "echo", root / "frames16", resolution=16, num_workers=1, progress=False,
+                        verbose=False)
+    return str(root / "frames16")
+
+
+def tiny_overrides(arch):
+    overrides = tiny_config(arch, resolution=16)
+    overrides.pop("resolution")
+    return overrides
+
+
+def make_cfg(dataset, out, arch="ddpmpp", steps=4, batch=8, **kw):
+    base = dict(
+        dataset=dataset, output_dir=str(out), arch=arch, network_overrides=tiny_overrides(arch), batch_size=batch,
+        duration_kimg=steps * batch / 1000, lr=2e-3, lr_rampup_kimg=0.0, ema_halflife_kimg=(0.05,),
+        dropout=0.0, dataloader_num_workers=0, checkpointing_kimg=1000.0, snapshot_kimg=1000.0,
+        num_sample_images=4, sample_steps=2, logging_steps=1, report_to="none", progress_bar=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def checkpoint_tensors(path):
+    return load_file(str(Path(path) / "model.safetensors")), load_file(str(Path(path) / "ema.safetensors"))
+
+
+def assert_tensors_equal(a, b, exact=True, rtol=1e-5, atol=1e-6):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------
+# pure pieces
+
+
+def test_batch_layout_and_chunks_cover_the_global_batch_once():
+    layout = batch_layout(8, 2, 2)
+    assert (layout.batch_per_round, layout.rounds, layout.batch_per_process) == (2, 2, 4)
+    positions = sorted(p for rank in range(2) for r in range(2) for p in chunk_positions(3, r, rank, layout))
+    assert positions == list(range(24, 32))
+    rank0 = {p for r in range(2) for p in chunk_positions(3, r, 0, layout)}
+    rank1 = {p for r in range(2) for p in chunk_positions(3, r, 1, layout)}
+    assert not rank0 & rank1
+    with pytest.raises(ConfigError, match="--batch_size 8 is not divisible by the 3 processes"):
+        batch_layout(8, 3, None)
+    with pytest.raises(ConfigError, match="--batch_per_gpu 3 must divide"):
+        batch_layout(8, 2, 3)
+
+
+def test_sampler_epochs_are_permutations_and_resume_mid_stream():
+    layout = batch_layout(6, 1, 3)
+    sampler = training.RankBatchSampler(10, layout, rank=0, seed=5)
+    it = iter(sampler)
+    stream = [i for _ in range(20) for i in next(it)]  # 60 positions = 6 epochs of 10
+    for epoch in range(6):
+        assert sorted(stream[epoch * 10:(epoch + 1) * 10]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # reshuffled each epoch
+    resumed = iter(training.RankBatchSampler(10, layout, rank=0, seed=5, start_step=3))
+    assert [i for _ in range(4) for i in next(resumed)] == stream[18:30]
+
+
+def test_learning_rate_warmup_closed_form():
+    cfg = TrainConfig(dataset="-", output_dir="-", lr=1e-3, lr_rampup_kimg=10000)
+    assert learning_rate(cfg, 0) == 0.0
+    assert learning_rate(cfg, 2_500_000) == pytest.approx(2.5e-4)
+    assert learning_rate(cfg, 10_000_000) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 50_000_000) == pytest.approx(1e-3)
+
+
+def test_paper_defaults():
+    cfg = train_unconditional.config_from_args(["--dataset", "d", "--output_dir", "o"])
+    assert (cfg.batch_size, cfg.dropout, cfg.lr, cfg.lr_rampup_kimg) == (512, 0.05, 1e-3, 10000)
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon) == (0.9, 0.999, 1e-8)
+    assert (tuple(cfg.ema_halflife_kimg), cfg.ema_rampup_ratio) == ((500.0,), 0.05)
+    assert cfg.duration_nimg == 30_106_000  # ADM, Table 1
+    assert train_unconditional.config_from_args(
+        ["--dataset", "d", "--output_dir", "o", "--arch", "ncsnpp"]).duration_nimg == 60_211_000
+
+
+class Overflowing(torch.nn.Module):
+    """F(x, c_noise) = conv(x) * 1e30: finite weights whose loss and gradients overflow float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, c_noise):
+        return self.conv(x) * 1e30
+
+
+def test_nonfinite_gradients_are_zeroed_and_flagged():
+    from accelerate import Accelerator
+
+    from pipelines.losses import DenoisingLoss
+
+    accelerator = Accelerator(cpu=True)
+    net = Overflowing()
+    before = [p.detach().clone() for p in net.parameters()]
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(net, optimizer)
+    cfg = TrainConfig(dataset="-", output_dir="-", batch_size=2, lr=1e-2, lr_rampup_kimg=0)
+    images = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    flag = training.train_step(accelerator, model, optimizer, DenoisingLoss("edm"), [(images, range(2))], cfg,
+                               batch_layout(2, 1, None), TrainStats(torch.device("cpu")), images_seen=0)
+    assert bool(flag)
+    # Zeroed gradients: Adam's first step moves nothing, and nothing became NaN.
+    for p, p0 in zip(net.parameters(), before):
+        assert torch.equal(p.detach(), p0)
+
+
+def test_sgd_gradient_is_independent_of_the_chunking(frames16):
+    """1 chunk of 8 vs 4 accumulation chunks of 2: the same gradient (read through one SGD step, lr 1),
+    equal to the mean over images of each image's pixel-summed loss gradient."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from pipelines.data.echonet_frames import FrameDataset
+
+    dataset = FrameDataset(frames16)
+    images = torch.stack([dataset[i]["image"] for i in range(8)])
+    positions = list(range(100, 108))
+    cfg = make_cfg(frames16, "-", batch=8, lr=1.0)  # train_step sets the lr from cfg
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    net0, loss_fn, _ = training._build_components(cfg, 16, 1)
+
+    # Independent reference: mean over images of each image's pixel-summed loss, image by image.
+    ref_net = copy.deepcopy(net0)
+    ref_loss = sum(
+        training._compute_loss(loss_fn, ref_net, training.to_float(images[i:i + 1]), positions[i:i + 1], cfg.seed)[0].sum()
+        for i in range(8)) / 8
+    reference = torch.autograd.grad(ref_loss, list(ref_net.parameters()))
+
+    for per_round in (8, 2):
+        net = copy.deepcopy(net0)
+        optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+        layout = batch_layout(8, 1, per_round)
+        chunks = [(images[r * per_round:(r + 1) * per_round], positions[r * per_round:(r + 1) * per_round])
+                  for r in range(layout.rounds)]
+        training.train_step(accelerator, net, optimizer, loss_fn, chunks, cfg, layout,
+                            TrainStats(torch.device("cpu")), images_seen=0)
+        gradient = [p0.detach() - p.detach() for p, p0 in zip(net.parameters(), net0.parameters())]
+        for g, ref in zip(gradient, reference):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    assert sum(g.abs().sum() for g in reference) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# whole runs
+
+
+def fixed_set_loss(net, loss_fn, dataset_path, seed=0, repeats=4):
+    """Mean loss of ``net`` on every training image with fixed noise (repeats x per image)."""
+    from pipelines.data.echonet_frames import FrameDataset
+
+    images = training.to_float(torch.as_tensor(FrameDataset(dataset_path).images_uint8()))
+    n = images.shape[0]
+    with torch.no_grad():
+        losses = [training._compute_loss(loss_fn, net.eval(), images, range(10**9 + r * n, 10**9 + (r + 1) * n),
+                                         seed)[0].mean() for r in range(repeats)]
+    return float(torch.stack(losses).mean())
+
+
+@pytest.mark.parametrize("arch,precond", [("adm", "edm"), ("ddpmpp", "vp"), ("ncsnpp", "ve")])
+def test_each_preconditioning_trains_and_exports_a_loadable_pipeline(frames16, tmp_path, arch, precond):
+    from diffusers import DiffusionPipeline
+
+    cfg = make_cfg(frames16, tmp_path / "run", arch=arch, precond=precond, steps=30, snapshot_kimg=0.12,
+                   report_to="tensorboard" if precond == "edm" else "none")
+    result = train(cfg)
+    assert (result.images_seen, result.steps, result.nonfinite_steps) == (240, 30, 0)
+
+    # Loss falls: the exported (EMA) network vs the initial one, on a fixed set with fixed noise.
+    torch.manual_seed(cfg.seed)
+    initial, loss_fn, _ = training._build_components(cfg, 16, 1)
+    pipe = DiffusionPipeline.from_pretrained(str(result.pipeline_dirs[0]), trust_remote_code=True)
+    before, after = fixed_set_loss(initial, loss_fn, frames16), fixed_set_loss(pipe.unet, loss_fn, frames16)
+    assert after < 0.85 * before, (before, after)
+
+    # The export holds the EMA weights (not the raw ones) of the final checkpoint.
+    raw, ema = checkpoint_tensors(result.last_checkpoint)
+    exported = pipe.unet.state_dict()
+    for name, value in exported.items():
+        if value.is_floating_point():
+            assert torch.equal(value, ema[f"ema0/{name}"]), name
+    assert any(not torch.equal(exported[n], raw[n]) for n in raw)
+    assert pipe.scheduler.config.preconditioning == precond
+    images = pipe(seeds=[0, 1], num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 16, 16, 1) and images.dtype == np.uint8
+
+    card = (result.pipeline_dirs[0] / "README.md").read_text()
+    assert "## Training configuration" in card and f"| arch | {arch} |" in card and "| batch_size | 8 |" in card
+
+    # Sample grids (4 images of 16x16 -> 32x32) at 120 and 240 kimg x 1e-3.
+    grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["samples-000000.120kimg.png", "samples-000000.240kimg.png"]
+    from PIL import Image
+
+    assert Image.open(grids[0]).size == (32, 32)
+    if precond == "edm":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "run" / "logs" / "echodiff")).Reload()
+        scalars = set(events.Tags()["scalars"])
+        for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_second", "progress/kimg",
+                    "train/nonfinite_grad_steps", "loss_per_sigma/sigma0.1-1"):
+            assert tag in scalars, (tag, scalars)
+        assert len(events.Scalars("train/loss")) == 30
+        assert "samples" in events.Tags()["images"]
+
+
+def test_all_nine_combinations_train(frames16, tmp_path):
+    for arch in ("adm", "ddpmpp", "ncsnpp"):
+        for precond in ("edm", "vp", "ve"):
+            result = train(make_cfg(frames16, tmp_path / f"{arch}-{precond}", arch=arch, precond=precond, steps=2,
+                                    num_sample_images=0))
+            losses = [h["train/loss"] for h in result.history]
+            assert len(losses) == 2 and all(np.isfinite(losses)), (arch, precond, losses)
+            assert (result.pipeline_dirs[0] / "model_index.json").is_file()
+
+
+def resume_cfg(dataset, out, steps, **kw):
+    # Dropout on (the restored RNG matters), lr warm-up and EMA ramp-up cross the resume point,
+    # two EMA half-lives, and a checkpoint every 2 steps (16 images) with at most 2 kept.
+    return make_cfg(dataset, out, steps=steps, dropout=0.1, lr_rampup_kimg=0.04, ema_halflife_kimg=(0.004, 0.2),
+                    ema_rampup_ratio=0.5, checkpointing_kimg=0.016, checkpoints_total_limit=2, num_sample_images=2, snapshot_kimg=0.016,
+                    **kw)
+
+
+@pytest.fixture(scope="module")
+def straight_run(frames16, tmp_path_factory):
+    from accelerate.state import AcceleratorState, GradientState
+
+    result = train(resume_cfg(frames16, tmp_path_factory.mktemp("straight"), steps=6))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return result
+
+
+def test_resume_is_bitwise_identical(frames16, tmp_path, straight_run):
+    first = train(resume_cfg(frames16, tmp_path, steps=3))
+    assert first.images_seen == 24
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    second = train(resume_cfg(frames16, tmp_path, steps=6, resume_from_checkpoint="latest"))
+    assert second.images_seen == 48 and second.steps == 6
+    assert [n for n, _ in list_checkpoints(tmp_path / "checkpoints")] == [32, 48]  # total limit 2
+    raw_a, ema_a = checkpoint_tensors(straight_run.last_checkpoint)
+    raw_b, ema_b = checkpoint_tensors(second.last_checkpoint)
+    assert_tensors_equal(raw_a, raw_b)
+    assert_tensors_equal(ema_a, ema_b)
+    assert any(not torch.equal(ema_a[f"ema0/{k}"], ema_a[f"ema1/{k}"]) for k in raw_a)
+    # The logged losses after the resume point are the straight run's too.
+    assert [h["train/loss"] for h in second.history] == [h["train/loss"] for h in straight_run.history[3:]]
+
+
+def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_usable(frames16, tmp_path, straight_run):
+    out = tmp_path / "killed"
+    argv = [
+        sys.executable, str(REPO / "train_unconditional.py"), "--dataset", frames16, "--output_dir", str(out),
+        "--arch", "ddpmpp", "--network_overrides", json.dumps(tiny_overrides("ddpmpp")), "--batch_size", "8",
+        "--duration_kimg", "0.048", "--lr", "2e-3", "--dropout", "0.1", "--lr_rampup_kimg", "0.04",
+        "--ema_halflife_kimg", "0.004", "0.2", "--ema_rampup_ratio", "0.5", "--checkpointing_kimg", "0.016", "--checkpoints_total_limit", "2",
+        "--num_sample_images", "2", "--sample_steps", "2", "--snapshot_kimg", "0.016", "--logging_steps", "1",
+        "--report_to", "none", "--dataloader_num_workers", "0", "--no_progress_bar",
+    ]
+    # Same arguments as resume_cfg; the hook kills the process inside its 2nd save (at 32 images).
+    env = dict(os.environ, **{training.KILL_DURING_SAVE_ENV: "2", "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    leftovers = [p.name for p in (out / "checkpoints").iterdir()]
+    assert ".tmp-checkpoint-000000000032" in leftovers  # the half-written save is there ...
+    assert [n for n, _ in list_checkpoints(out / "checkpoints")] == [16]  # ... but only 16 counts
+    resumed = train(resume_cfg(frames16, out, steps=6, resume_from_checkpoint="latest"))
+    assert not any(p.name.startswith(".tmp-") for p in (out / "checkpoints").iterdir())
+    raw_a, ema_a = checkpoint_tensors(straight_run.last_checkpoint)
+    raw_b, ema_b = checkpoint_tensors(resumed.last_checkpoint)
+    assert_tensors_equal(raw_a, raw_b)
+    assert_tensors_equal(ema_a, ema_b)
+
+
+def dp_cfg(dataset, out, **kw):
+    # Dropout off (its masks are the one split-dependent random draw); EMA without ramp-up so that it
+    # lags the weights visibly. Adam's eps 1e-4 (not 1e-8) keeps it from blowing float rounding noise in
+    # gradients that are zero in exact arithmetic (attention key biases) up to full-size steps.
+    return make_cfg(dataset, out, steps=4, ema_halflife_kimg=(0.05,), ema_rampup_ratio=None, num_sample_images=0,
+                    adam_epsilon=1e-4, **kw)
+
+
+@pytest.fixture(scope="module")
+def one_chunk_run(frames16, tmp_path_factory):
+    from accelerate.state import AcceleratorState, GradientState
+
+    result = train(dp_cfg(frames16, tmp_path_factory.mktemp("one_chunk")))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return result
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(run_dir, reference):
+    raw_a, ema_a = checkpoint_tensors(reference.last_checkpoint)
+    checkpoints = list_checkpoints(Path(run_dir) / "checkpoints")
+    raw_b, ema_b = checkpoint_tensors(checkpoints[-1][1])
+    assert_tensors_equal(raw_a, raw_b, exact=False)
+    assert_tensors_equal(ema_a, ema_b, exact=False)
+    ref_metrics, got = metrics(reference.output_dir), metrics(run_dir)
+    for key in ("train/loss", "train/grad_norm"):  # the gradient itself, not only Adam's normalised step
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in ref_metrics], rtol=1e-4)
+    return raw_b, ema_b
+
+
+def test_gradient_accumulation_run_matches_one_chunk_run(frames16, tmp_path, one_chunk_run):
+    result = train(dp_cfg(frames16, tmp_path, batch_per_gpu=2))
+    assert result.steps == 4
+    assert_same_training(tmp_path, one_chunk_run)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_data_parallel_match_one_process(frames16, tmp_path, one_chunk_run):
+    out = tmp_path / "ddp"
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(REPO / "train_unconditional.py"), "--cpu", "--dataset", frames16, "--output_dir", str(out),
+        "--arch", "ddpmpp", "--network_overrides", json.dumps(tiny_overrides("ddpmpp")),
+        "--batch_size", "8", "--batch_per_gpu", "2", "--duration_kimg", "0.032", "--lr", "2e-3",
+        "--lr_rampup_kimg", "0", "--dropout", "0", "--adam_epsilon", "1e-4", "--ema_halflife_kimg", "0.05", "--ema_rampup_ratio", "none",
+        "--num_sample_images", "0", "--logging_steps", "1", "--report_to", "none", "--dataloader_num_workers", "0",
+        "--checkpointing_kimg", "1000", "--no_progress_bar",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((list_checkpoints(out / "checkpoints")[-1][1] / "training_state.json").read_text())
+    assert state["world_size"] == 2  # really two processes (accelerate launch --cpu would run one)
+    orders = [json.loads((out / "logs" / f"data_order_rank{r}.json").read_text()) for r in range(2)]
+    reference_order = json.loads((one_chunk_run.output_dir / "logs" / "data_order_rank0.json").read_text())
+    rank_indices = [sum(o["indices"], []) for o in orders]
+    assert all(len(ix) == 4 for ix in rank_indices)  # 2 accumulation rounds of 2 images each
+    assert sorted(rank_indices[0] + rank_indices[1]) == sorted(sum(reference_order["indices"], []))
+    assert rank_indices[0] != rank_indices[1]
+    raw, ema = assert_same_training(out, one_chunk_run)
+    # The EMA moved away from the initial weights, and lags the raw weights (issue diffusers#1895).
+    torch.manual_seed(0)
+    initial = dict(training._build_components(dp_cfg(frames16, "-"), 16, 1)[0].named_parameters())
+    assert any(not torch.allclose(ema[f"ema0/{k}"], initial[k].detach()) for k in initial)
+    assert any(not torch.allclose(ema[f"ema0/{k}"], raw[k]) for k in initial)
+
+
+# ------------------------------------------------------------------------------------------------
+# options and invalid arguments
+
+
+def test_bf16_on_cpu_and_memory_options_train(frames16, tmp_path):
+    plain = train(make_cfg(frames16, tmp_path / "plain", steps=2, num_sample_images=0, adam_epsilon=1e-4))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    options = train(make_cfg(frames16, tmp_path / "opts", steps=2, num_sample_images=0, adam_epsilon=1e-4,
+                             channels_last=True, gradient_checkpointing=True))
+    np.testing.assert_allclose([h["train/grad_norm"] for h in options.history],
+                               [h["train/grad_norm"] for h in plain.history], rtol=1e-4)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    bf16 = train(make_cfg(frames16, tmp_path / "bf16", steps=2, num_sample_images=0, mixed_precision="bf16"))
+    bf16_norms = [h["train/grad_norm"] for h in bf16.history]
+    # bf16 autocast really ran (the gradient differs from fp32), and stays close to it.
+    assert bf16_norms != [h["train/grad_norm"] for h in plain.history]
+    np.testing.assert_allclose(bf16_norms, [h["train/grad_norm"] for h in plain.history], rtol=0.1)
+
+
+class FakeHfApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, private, exist_ok, repo_type):
+        self.calls.append(("create_repo", repo_id, private))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, repo_type, commit_message):
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        self.calls.append(("upload_folder", repo_id, files))
+
+
+def test_push_to_hub_uploads_the_exported_pipeline(frames16, tmp_path):
+    api = FakeHfApi()
+    result = train(make_cfg(frames16, tmp_path, steps=1, num_sample_images=0, push_to_hub=True,
+                            hub_model_id="me/echodiff-tiny", hub_private=True), hub_api=api)
+    assert api.calls[0] == ("create_repo", "me/echodiff-tiny", True)
+    assert api.calls[1][:2] == ("upload_folder", "me/echodiff-tiny")
+    assert api.calls[1][2] == sorted([
+        "README.md", "model_index.json", "pipeline_echodiff.py", "scheduler/scheduler_config.json",
+        "scheduler/scheduling_edm_heun.py", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "unet/unet_song.py"])
+    assert "me/echodiff-tiny" in (result.pipeline_dirs[0] / "README.md").read_text()
+
+
+def cli(dataset, out, *extra):
+    return ["--dataset", dataset, "--output_dir", str(out), "--network_overrides",
+            json.dumps(tiny_overrides("ddpmpp")), "--arch", "ddpmpp", "--batch_size", "8", "--duration_kimg", "0.008",
+            "--report_to", "none", "--no_progress_bar", *extra]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--arch", "unet9000"], r"--arch: expected one of \['adm', 'ddpmpp', 'ncsnpp'\], got 'unet9000'"),
+    (["--precond", "ddpm"], r"--precond: expected one of"),
+    (["--batch_per_gpu", "3"], r"--batch_per_gpu 3 must divide the per-process batch 8"),
+    (["--resolution", "32"], r"--resolution 32 does not match the dataset's 16x16 images"),
+    (["--mixed_precision", "fp16", "--cpu"], r"--mixed_precision fp16: accelerate's fp16 autocast does nothing"),
+    (["--push_to_hub"], r"--push_to_hub needs --hub_model_id"),
+    (["--network_overrides", '{"model_chanels": 8}'], r"--network_overrides: .*model_chanels"),
+    (["--ema_halflife_kimg", "0"], r"--ema_halflife_kimg: expected one or more positive values"),
+])
+def test_invalid_arguments_fail_before_training(frames16, tmp_path, extra, message):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        train_unconditional.main(cli(frames16, out, *extra))
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_missing_dataset_and_bad_checkpoint_fail_clearly(tmp_path, frames16):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"--dataset .*nope.*does not exist"):
+        train_unconditional.main(cli(str(tmp_path / "nope"), out))
+    (tmp_path / "not_a_checkpoint").mkdir()
+    with pytest.raises(ConfigError, match=r"--resume_from_checkpoint .*not_a_checkpoint: not a complete checkpoint"):
+        train_unconditional.main(cli(frames16, out, "--resume_from_checkpoint", str(tmp_path / "not_a_checkpoint")))
+    assert not out.exists()
+
+
+def test_cli_prints_one_line_error_and_exits_nonzero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train_unconditional.py", *cli(str(tmp_path / "nope"), tmp_path / "o",
+                                                                      "--arch", "bad")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "train_unconditional.py"), run_name="__main__")
+    assert str(exit_info.value).startswith("error: --arch: expected one of")
