@@ -6,7 +6,7 @@ Subcommands (each writes a JSON of results into --out):
   optimal-fid  FID between two seeded halves of the real frames (patient-level and frame-level)
   fid-vs-nfe   FID over sampler step counts -> CSV + PNG with NFE = 2N - 1 on the x axis
   variance     the paper's two variance experiments (mean +- std over --repeats)
-  sweep        the Table 1 grid (comes with train_unconditional.py)
+  sweep        the Table 1 grid: train each configured run, score it, write the table
 
 Examples:
   python evaluate.py fid --model runs/edm-ddpmpp --dataset data/frames64 --seeds 0-49999
@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference_args(var)
     _add_common_args(var)
 
-    sweep = sub.add_parser("sweep", help="Table 1 grid (not available yet: comes with train_unconditional.py)")
-    sweep.add_argument("--config", default=None, help="sweep config file listing runs and training budgets")
+    from pipelines import sweep as sweep_lib
+
+    sweep_lib.build_parser(sub.add_parser("sweep", help="Table 1 grid (configs/sweep_table1.yaml, configs/sweep_demo.yaml)"))
     return parser
 
 
@@ -110,8 +111,9 @@ def _sampler_kwargs(text: str) -> dict:
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
     if args.command == "sweep":
-        # Placeholder: the Table 1 sweep lands with train_unconditional.py (second half of issue 7).
-        raise SystemExit("evaluate.py sweep is not implemented yet: it arrives with train_unconditional.py")
+        from pipelines import sweep as sweep_lib
+
+        return sweep_lib.main(args=args)
 
     from pipelines import evaluation as ev
     from pipelines.metrics.fid import InceptionDetector
