@@ -361,15 +361,16 @@ def write_synthetic_echonet(out_dir: str | os.PathLike, num_videos: int = 200, s
     names = [r[0] for r in rows]
     if len(set(names)) != len(names):
         raise RuntimeError("synthetic video names collided; use another seed")
-    tracings = [t for name in names for t in dict((r[0], tr) for r, tr in results)[name]]
-    with open(out / "FileList.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(FILELIST_COLUMNS)
-        writer.writerows(rows)
-    with open(out / "VolumeTracings.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(TRACING_COLUMNS)
-        writer.writerows(tracings)
+    by_name = {row[0]: traced for row, traced in results}
+    tracings = [t for name in names for t in by_name[name]]
+    # FileList.csv last (and each CSV atomically): its presence marks a complete folder.
+    for name, header, body in (("VolumeTracings.csv", TRACING_COLUMNS, tracings), ("FileList.csv", FILELIST_COLUMNS, rows)):
+        tmp = out / f".{name}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(body)
+        os.replace(tmp, out / name)
     if progress:
         print(f"wrote {num_videos} synthetic videos to {out}")
     return out
