@@ -220,14 +220,16 @@ def test_carried_files_import_only_allowed_modules(tmp_path):
     assert foreign_imports(bad) == [".helpers", "pipelines.utils"]
 
 
-def test_python_api_doc_runs(tmp_path, monkeypatch):
-    text = (REPO / "docs" / "python_api.md").read_text()
+@pytest.mark.parametrize("doc, min_blocks", [("docs/python_api.md", 3), ("README.md", 1)])
+def test_python_api_doc_runs(tmp_path, monkeypatch, doc, min_blocks):
+    text = (REPO / doc).read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
-    assert len(blocks) >= 3
+    assert len(blocks) >= min_blocks
     monkeypatch.chdir(tmp_path)
     # Keep diffusers' copies of remote code out of the user's cache.
     monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
     namespace = {}
-    exec(compile("\n".join(blocks), "docs/python_api.md", "exec"), namespace)  # noqa: S102 - our own doc
+    exec(compile("\n".join(blocks), doc, "exec"), namespace)  # noqa: S102 - our own doc
     assert len(namespace["images"]) == 4 and (tmp_path / "echodiff-tiny" / "pipeline_echodiff.py").is_file()
-    assert namespace["loss"].shape == (8, 1, 16, 16)
+    if doc == "docs/python_api.md":
+        assert namespace["loss"].shape == (8, 1, 16, 16)
