@@ -71,9 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap the half-life at this fraction of images seen ('none' to disable)")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", default=d.mixed_precision, help=f"one of {list(MIXED_PRECISION)}")
+    g.add_argument("--mixed_precision", default=d.mixed_precision,
+                   help=f"one of {list(MIXED_PRECISION)}; auto: the accelerate config's, else bf16 on a CPU with "
+                   "native bf16, else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the network (inductor)")
-    g.add_argument("--channels_last", action="store_true")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=d.channels_last,
+                   help="channels-last (NHWC) network and inputs")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls/convolutions on Ampere+ GPUs")
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")

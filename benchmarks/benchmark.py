@@ -80,7 +80,8 @@ def autocast(precision: str):
 
 
 def sdpa_context(backend: str):
-    """SDPA backend choice; CPU has the math and the flash (fused, tiled) kernels."""
+    """SDPA backend choice (a fresh context per use: sdpa_kernel's cannot be re-entered); CPU has the
+    math and the flash (fused, tiled) kernels."""
     if backend == "default":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -156,7 +157,6 @@ def network_cell(spec: dict) -> dict:
         net.enable_gradient_checkpointing()
     if spec["channels_last"]:
         net = net.to(memory_format=torch.channels_last)
-    sdpa = sdpa_context(spec["sdpa"])
 
     if spec["train"]:
         net.train().requires_grad_(True)
@@ -175,7 +175,7 @@ def network_cell(spec: dict) -> dict:
         def train_once():
             seen = 10**7 + step[0] * batch  # past the lr warm-up: real updates
             step[0] += 1
-            with sdpa:
+            with sdpa_context(spec["sdpa"]):
                 nonfinite = train_step(accelerator, model, optimizer, loss_fn, [(images, range(seen, seen + batch))],
                                        cfg, layout, stats, seen)
             ema.update(net, batch, seen)
@@ -206,7 +206,7 @@ def network_cell(spec: dict) -> dict:
         sigma = torch.full((batch,), 2.0)
 
         def sample_once():
-            with torch.no_grad(), autocast(precision), sdpa:
+            with torch.no_grad(), autocast(precision), sdpa_context(spec["sdpa"]):
                 out = pre.denoise(sample_net, x, sigma)
             if not torch.isfinite(out).all():
                 raise FloatingPointError(f"{arch} {precision}: non-finite denoiser output")
@@ -393,8 +393,14 @@ def inception_cell(images: int, warmup: int, reps: int, threads: int) -> dict:
     reference, plain_speed = _time(plain, frames, warmup, reps)
     default = InceptionDetector()
     features, default_speed = _time(default, frames, warmup, reps)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # the 299x299 network's FLOPs, for the share of the ceiling
+        default(frames[:1])
+    gflop_per_img = counter.get_total_flops() / 1e9
     return {"images": images, "torchscript_img_s": plain_speed, "default_img_s": default_speed,
-            "default_max_rel_err": _rel_err(features, reference), "default_backend": default.backend}
+            "default_max_rel_err": _rel_err(features, reference), "default_backend": default.backend,
+            "gflop_per_img": gflop_per_img, "default_gflop_s": gflop_per_img * default_speed}
 
 
 def data_cell(work: Path, num_videos: int, loader_images: int, workers: int) -> dict:
@@ -532,7 +538,7 @@ def _fmt(value, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-OPTION_DEFAULTS = {"channels_last": False, "compile": False, "grad_ckpt": False, "optimizer": "foreach",
+OPTION_DEFAULTS = {"channels_last": True, "compile": False, "grad_ckpt": False, "optimizer": "fused",
                    "sdpa": "default"}
 
 
@@ -606,8 +612,10 @@ def render_table(results: dict) -> str:
             lines.append(f"| inception | - | ERROR: {inc['error'][:150]} | | | | | |")
         else:
             add("inception", "TorchScript as shipped", inc["torchscript_img_s"], "img/s", value_spec=".2f")
-            add("inception", f"default ({inc['default_backend']}), max rel err {inc['default_max_rel_err']:.1e}",
-                inc["default_img_s"], "img/s", value_spec=".2f")
+            fp32_peak = ceiling.get("fp32_gflop_s")
+            add("inception", f"default ({inc['default_backend']}, fp32, {inc['gflop_per_img']:.3g} GFLOP/img), "
+                f"max rel err {inc['default_max_rel_err']:.1e}", inc["default_img_s"], "img/s", inc["default_gflop_s"],
+                inc["default_gflop_s"] / fp32_peak if fp32_peak else None, value_spec=".2f")
     data = results.get("data")
     if data:
         if "error" in data:
@@ -637,10 +645,11 @@ def parse_args(argv=None):
     parser.add_argument("--no_isolate", action="store_true",
                         help="run cells in this process (faster start; peak RSS is then the process's)")
     parser.add_argument("--json", default=None, help="write the results here (default: benchmark_results.json)")
-    parser.add_argument("--channels_last", action="store_true", help="channels-last network and inputs")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                        help="channels-last network and inputs (the training default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (first step = compile)")
     parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (memory for speed)")
-    parser.add_argument("--optimizer", choices=("foreach", "fused", "forloop"), default="foreach",
+    parser.add_argument("--optimizer", choices=("foreach", "fused", "forloop"), default="fused",
                         help="Adam implementation in the train rows")
     parser.add_argument("--sdpa", choices=("default", "math", "flash"), default="default", help="SDPA backend")
     parser.add_argument("--dg_arch", choices=ARCHS, default="ddpmpp")

@@ -92,11 +92,6 @@ def tiny_demo_config(out_dir: str, **changes: Any) -> DemoConfig:
     return DemoConfig(**tiny)
 
 
-def cpu_has_native_bf16() -> bool:
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
 class StageTimer:
     """Wall time per stage, printed as a summary; reused stages are marked as such."""
 
@@ -152,11 +147,9 @@ def prepare_data(cfg: DemoConfig, out: Path, row: dict) -> Path:
 
 
 def train_config(cfg: DemoConfig, frames: Path, train_dir: Path):
-    from pipelines.training import TrainConfig
+    from pipelines.training import TrainConfig, resolve_mixed_precision
 
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if cpu_has_native_bf16() else "no"
+    precision = resolve_mixed_precision(cfg.mixed_precision, cpu=True)
     return TrainConfig(
         dataset=str(frames), output_dir=str(train_dir), arch=cfg.arch, precond=cfg.precond, split=cfg.split,
         dropout=cfg.dropout, network_overrides=dict(cfg.network_overrides), duration_kimg=cfg.duration_kimg,

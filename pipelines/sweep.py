@@ -174,7 +174,7 @@ def load_sweep_config(path: str | os.PathLike, **overrides: Any) -> SweepConfig:
 def train_cli_args(cfg: TrainConfig) -> list[str]:
     """``train_unconditional.py`` flags that reproduce ``cfg`` (its parser maps flags 1:1 to fields)."""
     defaults = TrainConfig(dataset="", output_dir="")
-    store_true = {"compile", "channels_last", "allow_tf32", "gradient_checkpointing", "cpu",
+    store_true = {"compile", "allow_tf32", "gradient_checkpointing", "cpu",
                   "save_pipeline_at_snapshot", "push_to_hub"}
     args: list[str] = []
     for f in dataclasses.fields(TrainConfig):
@@ -183,8 +183,8 @@ def train_cli_args(cfg: TrainConfig) -> list[str]:
             args += [f"--{f.name}"] if value else []
         elif f.name == "progress_bar":
             args += [] if value else ["--no_progress_bar"]
-        elif f.name == "hub_private":
-            args += ["--hub_private" if value else "--no-hub_private"]
+        elif f.name in ("hub_private", "channels_last"):  # BooleanOptionalAction flags
+            args += [f"--{f.name}" if value else f"--no-{f.name}"]
         elif f.name == "ema_halflife_kimg":
             args += ["--ema_halflife_kimg", *[repr(float(h)) for h in value]]
         elif f.name == "network_overrides":

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 ARCH_NAMES = ("adm", "ddpmpp", "ncsnpp")
 PRECOND_NAMES = ("edm", "vp", "ve")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 # Table 1 of the paper: images seen per architecture, in thousands.
 PAPER_DURATION_KIMG = {"adm": 30106.0, "ddpmpp": 60211.0, "ncsnpp": 60211.0}
@@ -90,9 +90,9 @@ class TrainConfig:
     ema_halflife_kimg: Sequence[float] = (500.0,)
     ema_rampup_ratio: float | None = 0.05
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"  # see resolve_mixed_precision
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # faster on CPU in every measured cell (issue 10) and the GPU tensor-core layout
     allow_tf32: bool = False
     gradient_checkpointing: bool = False
     cpu: bool = False
@@ -218,6 +218,24 @@ def validate_config(cfg: TrainConfig) -> None:
         )
 
 
+def cpu_has_native_bf16() -> bool:
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_mixed_precision(requested: str, cpu: bool = False) -> str:
+    """The concrete precision for ``--mixed_precision auto``: the accelerate config's choice when the run
+    was started by ``accelerate launch`` (it sets ACCELERATE_MIXED_PRECISION); otherwise bf16 on a CPU
+    run where the CPU has native bf16 (1.9-2.4x fp32 there, issue 10), else fp32 ("no")."""
+    if requested != "auto":
+        return requested
+    from_config = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if from_config:
+        return from_config.lower()
+    on_cpu = cpu or not torch.cuda.is_available()
+    return "bf16" if on_cpu and cpu_has_native_bf16() else "no"
+
+
 def check_device_precision(cfg: TrainConfig, device: torch.device) -> None:
     """Refuses mixed-precision settings that would silently not do what was asked on ``device``."""
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
@@ -226,9 +244,7 @@ def check_device_precision(cfg: TrainConfig, device: torch.device) -> None:
             "fp32); use --mixed_precision bf16 (fast on CPUs with bf16 support) or no"
         )
     if device.type == "cpu" and cfg.mixed_precision == "bf16":
-        supported = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)()
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        if not (supported or amx):
+        if not cpu_has_native_bf16():
             logger.warning("--mixed_precision bf16: this CPU has no native bf16; it runs, but slower than fp32")
 
 
@@ -598,6 +614,18 @@ def train_step(accelerator, model, optimizer, loss_fn, chunks, cfg: TrainConfig,
     return nonfinite
 
 
+def build_adam(params, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with EDM's settings, on torch's fused kernel where the device has one (the same update
+    rule; ADM's 295M-parameter step: 0.10 s fused vs 0.83 s foreach on the CPU, issue 10)."""
+    params = list(params)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=0.0)
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError) as err:  # older torch or a device without the fused kernel
+        logger.info("fused Adam unavailable (%s); using the default implementation", err)
+        return torch.optim.Adam(params, **kwargs)
+
+
 def _build_components(cfg: TrainConfig, resolution: int, channels: int):
     from pipelines.losses import DenoisingLoss
     from pipelines.networks import build_network
@@ -609,6 +637,14 @@ def _build_components(cfg: TrainConfig, resolution: int, channels: int):
     loss_fn = DenoisingLoss(preconditioning=preconditioning)
     scheduler = EDMHeunScheduler(preconditioning=cfg.precond)
     return net, loss_fn, scheduler
+
+
+def _new_sampling_net(net, device):
+    """A fresh network for EMA sampling and export (the trained one stays untouched), built only when
+    needed: a resident copy would hold one more model's memory all run (1.2 GB for ADM)."""
+    with torch.random.fork_rng(devices=[]):  # its random init must not shift the training RNG stream
+        copy = type(net).from_config(net.config)
+    return copy.to(device).eval().requires_grad_(False)
 
 
 def _sampling_pipeline(net_for_sampling, scheduler):
@@ -687,6 +723,7 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
     ``hub_api``: an ``huggingface_hub.HfApi`` for ``--push_to_hub`` (default: a new one).
     """
     validate_config(cfg)
+    cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cfg.cpu))
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -734,8 +771,7 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
     # Dropout streams differ per process; resumed runs restore them from the checkpoint.
     torch.manual_seed(cfg.seed * accelerator.num_processes + accelerator.process_index)
 
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 eps=cfg.adam_epsilon, weight_decay=0.0)
+    optimizer = build_adam(net.parameters(), cfg)
     # ``model`` is what trains (DDP / compiled wrapper); ``net`` stays the plain module sharing its
     # parameters, for the EMA and the sampling copy.
     model, optimizer = accelerator.prepare(net, optimizer)
@@ -765,12 +801,6 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
     accelerator.init_trackers(cfg.tracker_project_name, config=hparams)
     _record_data_order(output_dir, accelerator, sampler, layout, step)
 
-    # A separate network for sampling and export: EMA weights go in, the trained one is untouched.
-    sampling_net = None
-    if accelerator.is_main_process:
-        with torch.random.fork_rng(devices=[]):  # its random init must not shift the training RNG stream
-            sampling_net = type(net).from_config(net.config)
-        sampling_net = sampling_net.to(accelerator.device).eval().requires_grad_(False)
 
     stats = TrainStats(accelerator.device)
     history: list[dict[str, float]] = []
@@ -823,6 +853,7 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
         if (crossed_interval(before, images_seen, cfg.snapshot_kimg) or done) and cfg.num_sample_images > 0:
             t0 = time.perf_counter()
             if accelerator.is_main_process:
+                sampling_net = _new_sampling_net(net, accelerator.device)
                 ema.copy_to(sampling_net, 0)
                 pipe = _sampling_pipeline(sampling_net, scheduler)
                 grid = sample_grid(pipe, cfg.num_sample_images, cfg.sample_steps, accelerator.device)
@@ -830,6 +861,7 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
                 log_grid(accelerator, grid, step)
                 if cfg.save_pipeline_at_snapshot and not done:
                     pipe.save_pretrained(str(output_dir / "snapshots" / f"pipeline-{images_seen / 1000:010.3f}kimg"))
+                del sampling_net, pipe
             accelerator.wait_for_everyone()
             pause += time.perf_counter() - t0
     progress.close()
@@ -838,7 +870,8 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
     pipeline_dirs: list[Path] = []
     if accelerator.is_main_process:
         run_info.update(images_seen=images_seen, steps=step, nonfinite_grad_steps=nonfinite_steps)
-        pipeline_dirs = export_pipelines(cfg, ema, sampling_net, scheduler, output_dir, run_info)
+        pipeline_dirs = export_pipelines(cfg, ema, _new_sampling_net(net, accelerator.device), scheduler, output_dir,
+                                         run_info)
         if cfg.push_to_hub:
             push_folder(pipeline_dirs[0], cfg.hub_model_id, private=cfg.hub_private, api=hub_api)
     accelerator.wait_for_everyone()

@@ -48,6 +48,8 @@ def test_quick_suite_has_every_row_with_finite_numbers(quick_run):
             assert cell[key] > 0 and math.isfinite(cell[key]), (cell["arch"], key, cell[key])
     numbers = list(_numbers({k: v for k, v in saved.items() if k not in ("meta", "reference", "table")}))
     assert numbers and all(math.isfinite(x) for x in numbers)
+    # Inception-v3 at 299x299 is ~5.7 G multiply-adds (Szegedy et al. 2016; torchvision's 5.71 "GFLOPS"), 2 FLOPs each.
+    assert 10.5 < saved["inception"]["gflop_per_img"] < 12.5
     curve = saved["losscurve"]
     assert curve["all_losses_finite"] and len(curve["curves"]["fp32"]) == len(curve["curves"]["bf16"]) == 4
 
@@ -86,3 +88,17 @@ def test_bad_arguments_are_named():
         benchmark.parse_args(["--reps", "0"])
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--only", "nonsense"])
+
+
+@pytest.mark.parametrize("options,label", [(["--sdpa", "math"], "[sdpa=math]"),
+                                           (["--grad_ckpt", "--optimizer", "foreach"], "[grad_ckpt, optimizer=foreach]")])
+def test_network_options_run_and_are_named(options, label, tmp_path):
+    # Each timed step enters the option's context again (sdpa_kernel's context manager is single-use).
+    path = tmp_path / "opt.json"
+    benchmark.main(["--quick", "--no_isolate", "--only", "train", "--only", "sample", "--arch", "adm",
+                    "--precision", "fp32", "--reps", "2", "--json", str(path), *options])
+    saved = json.loads(path.read_text())
+    cell = saved["networks"][0]
+    assert "error" not in cell, cell
+    assert cell["train_img_s"] > 0 and cell["sample_img_nfe_s"] > 0
+    assert label in saved["table"]  # the non-default options show in the row's name

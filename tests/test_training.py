@@ -60,6 +60,7 @@ def make_cfg(dataset, out, arch="ddpmpp", steps=4, batch=8, **kw):
         duration_kimg=steps * batch / 1000, lr=2e-3, lr_rampup_kimg=0.0, ema_halflife_kimg=(0.05,),
         dropout=0.0, dataloader_num_workers=0, checkpointing_kimg=1000.0, snapshot_kimg=1000.0,
         num_sample_images=4, sample_steps=2, logging_steps=1, report_to="none", progress_bar=False,
+        mixed_precision="no",  # the loop's arithmetic is what these tests compare; precision has its own test
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -126,6 +127,23 @@ def test_paper_defaults():
         ["--dataset", "d", "--output_dir", "o", "--arch", "ncsnpp"]).duration_nimg == 60_211_000
 
 
+def test_training_adam_is_fused_and_follows_the_adam_equations():
+    cfg = TrainConfig(dataset="-", output_dir="-", lr=3e-2, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-3)
+    param = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
+    optimizer = training.build_adam([param], cfg)
+    assert optimizer.defaults["fused"] is True  # torch 2.13 has the CPU kernel
+    expected, m, v = param.detach().clone(), torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for t in range(1, 4):
+        grad = torch.tensor([0.3, -2.0, 0.01], dtype=torch.float64) * t
+        param.grad = grad.clone()
+        optimizer.step()
+        # Kingma & Ba's Algorithm 1 with the bias corrections, written out.
+        m = 0.8 * m + 0.2 * grad
+        v = 0.95 * v + 0.05 * grad**2
+        expected -= 3e-2 * (m / (1 - 0.8**t)) / ((v / (1 - 0.95**t)).sqrt() + 1e-3)
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
 class Overflowing(torch.nn.Module):
     """F(x, c_noise) = conv(x) * 1e30: finite weights whose loss and gradients overflow float32."""
 
@@ -145,9 +163,9 @@ def test_nonfinite_gradients_are_zeroed_and_flagged():
     accelerator = Accelerator(cpu=True)
     net = Overflowing()
     before = [p.detach().clone() for p in net.parameters()]
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    model, optimizer = accelerator.prepare(net, optimizer)
     cfg = TrainConfig(dataset="-", output_dir="-", batch_size=2, lr=1e-2, lr_rampup_kimg=0)
+    optimizer = training.build_adam(net.parameters(), cfg)  # the fused kernel, as training uses
+    model, optimizer = accelerator.prepare(net, optimizer)
     images = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
     flag = training.train_step(accelerator, model, optimizer, DenoisingLoss("edm"), [(images, range(2))], cfg,
                                batch_layout(2, 1, None), TrainStats(torch.device("cpu")), images_seen=0)
@@ -314,7 +332,7 @@ def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_usable(frames
         "--duration_kimg", "0.048", "--lr", "2e-3", "--dropout", "0.1", "--lr_rampup_kimg", "0.04",
         "--ema_halflife_kimg", "0.004", "0.2", "--ema_rampup_ratio", "0.5", "--checkpointing_kimg", "0.016", "--checkpoints_total_limit", "2",
         "--num_sample_images", "2", "--sample_steps", "2", "--snapshot_kimg", "0.016", "--logging_steps", "1",
-        "--report_to", "none", "--dataloader_num_workers", "0", "--no_progress_bar",
+        "--report_to", "none", "--dataloader_num_workers", "0", "--no_progress_bar", "--mixed_precision", "no",
     ]
     # Same arguments as resume_cfg; the hook kills the process inside its 2nd save (at 32 images).
     env = dict(os.environ, **{training.KILL_DURING_SAVE_ENV: "2", "OMP_NUM_THREADS": str(torch.get_num_threads())})
@@ -387,7 +405,7 @@ def test_two_cpu_processes_data_parallel_match_one_process(frames16, tmp_path, o
         "--batch_size", "8", "--batch_per_gpu", "2", "--duration_kimg", "0.032", "--lr", "2e-3",
         "--lr_rampup_kimg", "0", "--dropout", "0", "--adam_epsilon", "1e-4", "--ema_halflife_kimg", "0.05", "--ema_rampup_ratio", "none",
         "--num_sample_images", "0", "--logging_steps", "1", "--report_to", "none", "--dataloader_num_workers", "0",
-        "--checkpointing_kimg", "1000", "--no_progress_bar",
+        "--checkpointing_kimg", "1000", "--no_progress_bar", "--mixed_precision", "no",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
@@ -412,8 +430,19 @@ def test_two_cpu_processes_data_parallel_match_one_process(frames16, tmp_path, o
 # options and invalid arguments
 
 
+def test_auto_mixed_precision_follows_accelerate_config_then_the_cpu(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    native = training.cpu_has_native_bf16()
+    assert training.resolve_mixed_precision("auto", cpu=True) == ("bf16" if native else "no")
+    assert training.resolve_mixed_precision("no", cpu=True) == "no"  # an explicit choice is kept
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` exports from its config
+    assert training.resolve_mixed_precision("auto", cpu=True) == "no"
+    assert TrainConfig(dataset="-", output_dir="-").mixed_precision == "auto"
+
+
 def test_bf16_on_cpu_and_memory_options_train(frames16, tmp_path):
-    plain = train(make_cfg(frames16, tmp_path / "plain", steps=2, num_sample_images=0, adam_epsilon=1e-4))
+    plain = train(make_cfg(frames16, tmp_path / "plain", steps=2, num_sample_images=0, adam_epsilon=1e-4,
+                           channels_last=False))
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -424,11 +453,57 @@ def test_bf16_on_cpu_and_memory_options_train(frames16, tmp_path):
                                [h["train/grad_norm"] for h in plain.history], rtol=1e-4)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    bf16 = train(make_cfg(frames16, tmp_path / "bf16", steps=2, num_sample_images=0, mixed_precision="bf16"))
+    bf16 = train(make_cfg(frames16, tmp_path / "bf16", steps=2, num_sample_images=0,
+                          mixed_precision="auto" if training.cpu_has_native_bf16() else "bf16"))
+    saved = json.loads((bf16.last_checkpoint / training.STATE_FILE).read_text())["config"]
+    assert saved["mixed_precision"] == "bf16"  # "auto" is stored resolved, so a resume compares like with like
     bf16_norms = [h["train/grad_norm"] for h in bf16.history]
     # bf16 autocast really ran (the gradient differs from fp32), and stays close to it.
     assert bf16_norms != [h["train/grad_norm"] for h in plain.history]
     np.testing.assert_allclose(bf16_norms, [h["train/grad_norm"] for h in plain.history], rtol=0.1)
+
+
+def test_accelerate_configs_load_and_launch_sets_the_auto_precision(tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {path.stem: load_config_from_file(str(path)) for path in (REPO / "accelerate_configs").glob("*.yaml")}
+    assert {"cpu", "single_gpu", "8gpu_a40", "multi_node"} <= set(configs)
+    for name, config in configs.items():  # every shipped config asks for bf16; the GPU ones also compile
+        assert config.mixed_precision == "bf16", name
+        if config.distributed_type in ("NO", "MULTI_GPU") and not config.use_cpu:
+            assert config.dynamo_config["dynamo_backend"] == "INDUCTOR", name
+    # `accelerate launch` exports the config's precision, and "auto" takes it.
+    script = tmp_path / "which_precision.py"
+    script.write_text("from pipelines.training import resolve_mixed_precision\n"
+                      "print('precision', resolve_mixed_precision('auto', cpu=True))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(REPO / "accelerate_configs" / "cpu.yaml"), str(script)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "precision bf16" in proc.stdout
+
+
+def test_compiled_training_tracks_eager_and_checkpoints(frames16, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Adam's eps 1e-4: see dp_cfg (float-rounding differences in near-zero gradients stay small).
+    common = dict(steps=2, num_sample_images=0, adam_epsilon=1e-4)
+    eager = train(make_cfg(frames16, tmp_path / "eager", **common))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    compiled = train(make_cfg(frames16, tmp_path / "compiled", compile=True, **common))
+    assert compiled.steps == eager.steps == 2
+    np.testing.assert_allclose([h["train/loss"] for h in compiled.history], [h["train/loss"] for h in eager.history],
+                               rtol=1e-5)
+    # Checkpoints and the exported EMA pipeline hold plain (uncompiled) parameter names and the same values.
+    raw_c, ema_c = checkpoint_tensors(compiled.last_checkpoint)
+    raw_e, ema_e = checkpoint_tensors(eager.last_checkpoint)
+    assert_tensors_equal(raw_c, raw_e, exact=False, atol=1e-5)
+    assert_tensors_equal(ema_c, ema_e, exact=False, atol=1e-5)
+    exported = load_file(str(compiled.pipeline_dirs[0] / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(exported) == set(raw_e)
 
 
 class FakeHfApi:
