@@ -155,6 +155,8 @@ def train_config(cfg: DemoConfig, frames: Path, train_dir: Path):
         dropout=cfg.dropout, network_overrides=dict(cfg.network_overrides), duration_kimg=cfg.duration_kimg,
         batch_size=cfg.batch_size, lr=cfg.lr, lr_rampup_kimg=cfg.lr_rampup_kimg,
         ema_halflife_kimg=(cfg.ema_halflife_kimg,), seed=cfg.seed, mixed_precision=precision, cpu=True,
+        # Channels-last wins at paper size, but this small network trains ~10% faster NCHW (measured).
+        channels_last=False,
         # The frames are in memory-mapped Arrow: worker processes would only compete for the 2 cores.
         dataloader_num_workers=0, checkpointing_kimg=cfg.checkpointing_kimg, checkpoints_total_limit=2,
         resume_from_checkpoint="latest", snapshot_kimg=cfg.duration_kimg, num_sample_images=16,
