@@ -92,7 +92,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # see resolve_mixed_precision
     compile: bool = False
-    channels_last: bool = True  # faster on CPU in every measured cell (issue 10) and the GPU tensor-core layout
+    channels_last: bool = True  # faster for every paper-size network on CPU (issue 10); tensor cores' layout
     allow_tf32: bool = False
     gradient_checkpointing: bool = False
     cpu: bool = False
@@ -800,7 +800,6 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
     hparams = {k: v for k, v in run_info.items() if isinstance(v, int | float | str | bool)}
     accelerator.init_trackers(cfg.tracker_project_name, config=hparams)
     _record_data_order(output_dir, accelerator, sampler, layout, step)
-
 
     stats = TrainStats(accelerator.device)
     history: list[dict[str, float]] = []
