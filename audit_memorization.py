@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.memorization import (
+from pipelines.evaluation.memorization import (
     COMBINE_RULES,
     FEATURE_SPACES,
     ArrayFrames,
@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipelines.data.echonet_frames import FrameDataset
-    from pipelines.generation import load_images
+    from pipelines.evaluation.generation import load_images
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference_args(var)
     _add_common_args(var)
 
-    from pipelines import sweep as sweep_lib
+    from pipelines.evaluation import sweep as sweep_lib
 
     sweep_lib.build_parser(sub.add_parser("sweep", help="Table 1 grid (configs/sweep_table1.yaml, configs/sweep_demo.yaml)"))
     return parser
@@ -111,12 +111,12 @@ def _sampler_kwargs(text: str) -> dict:
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
     if args.command == "sweep":
-        from pipelines import sweep as sweep_lib
+        from pipelines.evaluation import sweep as sweep_lib
 
         return sweep_lib.main(args=args)
 
-    from pipelines import evaluation as ev
-    from pipelines.metrics.fid import InceptionDetector
+    from pipelines.evaluation import protocol as ev
+    from pipelines.evaluation.fid import InceptionDetector
 
     out = Path(args.out)
     cache_dir = Path(args.cache_dir) if args.cache_dir else ev.DEFAULT_CACHE_DIR
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.command == "fid" and args.images is not None:
         if args.model is not None:
             raise SystemExit("give either --model or --images, not both")
-        from pipelines.generation import load_images
+        from pipelines.evaluation.generation import load_images
 
         if args.seeds is not None and not _has_seeds(args.images):
             raise SystemExit(f"--seeds selects images of a shard folder; {args.images} has no generation shards")

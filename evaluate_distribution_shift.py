@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.classifiers import (
+from pipelines.evaluation.distribution_shift import (
     CLASSIFIER_NAMES,
     AugmentConfig,
     ClassifierConfig,
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipelines.data.echonet_frames import FrameDataset
-    from pipelines.generation import load_images
+    from pipelines.evaluation.generation import load_images
 
     if args.threads:
         torch.set_num_threads(args.threads)

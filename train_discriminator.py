@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from accelerate import Accelerator
 
-    from pipelines import dg_training as dg
-    from pipelines.evaluation import load_pipeline
+    from pipelines.evaluation.protocol import load_pipeline
+    from pipelines.training import discriminator as dg
 
     out = Path(args.out)
     progress = not args.no_progress
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     best = None
     if "select" in stages:
-        from pipelines.evaluation import DEFAULT_CACHE_DIR, load_frames
-        from pipelines.generation import parse_seeds
+        from pipelines.evaluation.generation import parse_seeds
+        from pipelines.evaluation.protocol import DEFAULT_CACHE_DIR, load_frames
 
         frames = load_frames(args.dataset, args.split)
         seeds = parse_seeds(args.selection_seeds)

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from pipelines.training import (
+from pipelines.training.loop import (
     ARCH_NAMES,
     MIXED_PRECISION,
     PAPER_DURATION_KIMG,

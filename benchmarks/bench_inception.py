@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.data.synthetic_echonet import synthetic_frames  # noqa: E402
-from pipelines.metrics.fid import InceptionDetector  # noqa: E402
+from pipelines.evaluation.fid import InceptionDetector  # noqa: E402
 
 
 def _time(fn, images, warmup: int, repeats: int) -> tuple[torch.Tensor, float]:

@@ -25,7 +25,7 @@ def run_one(arch: str, mixed_precision: str, batch: int, warmup: int, reps: int,
     from accelerate import Accelerator
 
     from pipelines.ema import EDMEma
-    from pipelines.training import TrainConfig, TrainStats, _build_components, batch_layout, train_step
+    from pipelines.training.loop import TrainConfig, TrainStats, _build_components, batch_layout, train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -100,8 +100,8 @@ def count_flops(arch: str, channels: int, resolution: int, quick: bool, batch: i
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
+    from pipelines.components.scheduling_edm_heun import EDMPreconditioning
     from pipelines.networks import build_network
-    from pipelines.scheduling_edm_heun import EDMPreconditioning
 
     pre = EDMPreconditioning()
     with FakeTensorMode():  # shapes only: paper-size counts cost no compute and no memory
@@ -135,7 +135,7 @@ def network_cell(spec: dict) -> dict:
     from accelerate.state import AcceleratorState
 
     from pipelines.ema import EDMEma
-    from pipelines.training import TrainConfig, TrainStats, _build_components, batch_layout, train_step
+    from pipelines.training.loop import TrainConfig, TrainStats, _build_components, batch_layout, train_step
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -194,7 +194,7 @@ def network_cell(spec: dict) -> dict:
         del optimizer, model, ema
 
     if spec["sample"]:
-        from pipelines.scheduling_edm_heun import EDMPreconditioning
+        from pipelines.components.scheduling_edm_heun import EDMPreconditioning
 
         pre = EDMPreconditioning()
         sample_net = net.eval()
@@ -262,11 +262,11 @@ def optim_cell(arch: str, channels: int, resolution: int, quick: bool, threads: 
 def dg_cell(arch: str, precision: str, channels: int, resolution: int, quick: bool, threads: int, batch: int,
             warmup: int, reps: int, steps: int) -> dict:
     """Sampling time with DG (w2 = 0, w2 > 0) over plain sampling, same network, batch and steps."""
-    from pipelines.dg_training import build_discriminator
-    from pipelines.discriminator import logits_of
+    from pipelines.components.discriminator import logits_of
+    from pipelines.components.pipeline_echodiff import EchoDiffPipeline
+    from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
     from pipelines.networks import build_network
-    from pipelines.pipeline_echodiff import EchoDiffPipeline
-    from pipelines.scheduling_edm_heun import EDMHeunScheduler
+    from pipelines.training.discriminator import build_discriminator
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -339,7 +339,7 @@ def loss_curve_cell(steps: int, quick: bool, threads: int, batch: int) -> dict:
 
     from pipelines.data.synthetic_echonet import synthetic_frames
     from pipelines.networks import tiny_config
-    from pipelines.training import TrainConfig, TrainStats, _build_components, batch_layout, train_step
+    from pipelines.training.loop import TrainConfig, TrainStats, _build_components, batch_layout, train_step
 
     torch.set_num_threads(threads)
     res = 16 if quick else 32
@@ -385,7 +385,7 @@ def inception_cell(images: int, warmup: int, reps: int, threads: int) -> dict:
     from bench_inception import _rel_err, _time
 
     from pipelines.data.synthetic_echonet import synthetic_frames
-    from pipelines.metrics.fid import InceptionDetector
+    from pipelines.evaluation.fid import InceptionDetector
 
     torch.set_num_threads(threads)
     frames = torch.from_numpy(synthetic_frames(images, seed=0, resolution=64))

@@ -147,7 +147,7 @@ def prepare_data(cfg: DemoConfig, out: Path, row: dict) -> Path:
 
 
 def train_config(cfg: DemoConfig, frames: Path, train_dir: Path):
-    from pipelines.training import TrainConfig, resolve_mixed_precision
+    from pipelines.training.loop import TrainConfig, resolve_mixed_precision
 
     precision = resolve_mixed_precision(cfg.mixed_precision, cpu=True)
     return TrainConfig(
@@ -185,7 +185,7 @@ def run_training(cfg: DemoConfig, frames: Path, train_dir: Path, row: dict) -> d
     the latest checkpoint (a longer budget continues the run; an incompatible model is refused by
     ``train`` with an error naming the setting).
     """
-    from pipelines.training import train
+    from pipelines.training.loop import train
 
     tcfg = train_config(cfg, frames, train_dir)
     done = train_dir / TRAIN_DONE
@@ -260,9 +260,9 @@ def plot_loss_curve(history: list[dict], path: Path, title: str = "training loss
 
 def untrained_pipeline(cfg: DemoConfig, channels: int):
     """The same network at its initialisation (seeded like the training run) with the same sampler."""
+    from pipelines.components.pipeline_echodiff import EchoDiffPipeline
+    from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
     from pipelines.networks import build_network
-    from pipelines.pipeline_echodiff import EchoDiffPipeline
-    from pipelines.scheduling_edm_heun import EDMHeunScheduler
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -298,9 +298,9 @@ def export_pipeline(train_pipeline: Path, target: Path, metrics: dict[str, float
 
 def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
     """Runs (or resumes) the demo; returns the metrics dict also written to ``<out_dir>/metrics.json``."""
-    from pipelines import evaluation as ev
-    from pipelines.generation import finished_seeds, generate_images, load_images, save_image_grid
-    from pipelines.metrics.fid import InceptionDetector
+    from pipelines.evaluation import protocol as ev
+    from pipelines.evaluation.fid import InceptionDetector
+    from pipelines.evaluation.generation import finished_seeds, generate_images, load_images, save_image_grid
 
     cfg = dataclasses.replace(cfg, **changes) if cfg is not None else DemoConfig(**changes)
     out = Path(cfg.out_dir)

@@ -10,8 +10,8 @@ from typing import Any, NamedTuple
 
 from diffusers import ModelMixin
 
-from pipelines.unet_adm import ADMUNet2DModel
-from pipelines.unet_song import SongUNet2DModel
+from pipelines.components.unet_adm import ADMUNet2DModel
+from pipelines.components.unet_song import SongUNet2DModel
 
 
 class ArchitecturePreset(NamedTuple):

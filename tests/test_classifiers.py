@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.classifiers import (
+from pipelines.evaluation.distribution_shift import (
     AugmentConfig,
     ClassifierConfig,
     augment_batch,

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from convert_edm_checkpoint import main as cli_main
+from pipelines.components.unet_adm import ADMUNet2DModel
+from pipelines.components.unet_song import SongUNet2DModel
 from pipelines.convert_edm import (
     EDMConversionError,
     convert_edm_checkpoint,
@@ -14,8 +16,6 @@ from pipelines.convert_edm import (
     infer_edm_config,
 )
 from pipelines.networks import build_network
-from pipelines.unet_adm import ADMUNet2DModel
-from pipelines.unet_song import SongUNet2DModel
 
 PAPER_COUNTS = {"adm": 295_124_353, "ddpmpp": 55_725_825, "ncsnpp": 56_384_001}
 

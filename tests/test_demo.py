@@ -49,7 +49,7 @@ def test_demo_outputs_are_valid(demo):
 
 def test_demo_pipeline_folder_loads_and_card_has_metrics(demo):
     out, metrics = demo
-    from pipelines.pipeline_echodiff import EchoDiffPipeline
+    from pipelines.components.pipeline_echodiff import EchoDiffPipeline
 
     pipe = EchoDiffPipeline.from_pretrained(str(out / "pipeline"))
     images = pipe(seeds=[0, 1], num_inference_steps=2, output_type="pt").images

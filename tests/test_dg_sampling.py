@@ -13,9 +13,9 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from pipelines.discriminator import EchoDiffDiscriminator
-from pipelines.pipeline_echodiff import EchoDiffPipeline
-from pipelines.scheduling_edm_heun import EDMHeunScheduler
+from pipelines.components.discriminator import EchoDiffDiscriminator
+from pipelines.components.pipeline_echodiff import EchoDiffPipeline
+from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
 
 RES, S, SD = 4, 0.5, 0.5  # 1x4x4 "images", data std s, EDM sigma_data
 LOGIT_CLIP = math.log((1 - 1e-5) / 1e-5)
@@ -224,8 +224,8 @@ def test_dg_vector_boost_only_on_even_steps_and_for_fake_judged_samples():
 
 # ------------------------------------------------------------------ DG off, reproducibility, errors
 def tiny_pipe(with_disc=True, variant="adm"):
-    from pipelines.dg_training import build_discriminator
     from pipelines.networks import build_network, tiny_config
+    from pipelines.training.discriminator import build_discriminator
 
     torch.manual_seed(0)
     unet = build_network("adm", channels=1, **tiny_config("adm")).eval()

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.dg_training import (
+from pipelines.components.discriminator import EchoDiffDiscriminator, input_scaling, logits_of
+from pipelines.training.discriminator import (
     DiscriminatorTrainingConfig,
     SigmaDistribution,
     build_discriminator,
@@ -20,7 +21,6 @@ from pipelines.dg_training import (
     sigma_buckets,
     train_discriminator,
 )
-from pipelines.discriminator import EchoDiffDiscriminator, input_scaling, logits_of
 
 TINY = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), head_channels=8)
 
@@ -58,7 +58,7 @@ def test_input_scaling_matches_karras_table1_by_hand(sigma):
 
 @pytest.mark.parametrize("kind", ["edm", "vp", "ve"])
 def test_input_scaling_agrees_with_scheduler_preconditioning(kind):
-    from pipelines.scheduling_edm_heun import EDMPreconditioning
+    from pipelines.components.scheduling_edm_heun import EDMPreconditioning
 
     pre = EDMPreconditioning(kind=kind)
     sigma = torch.tensor([0.03, 0.2, 1.0, 7.0, 60.0], dtype=torch.float64)
@@ -295,11 +295,11 @@ def test_train_discriminator_cli_trains_selects_by_fid_and_exports_a_dg_pipeline
     from accelerate.state import AcceleratorState, GradientState
 
     import train_discriminator
+    from pipelines.components.pipeline_echodiff import EchoDiffPipeline
+    from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
     from pipelines.data.echonet_frames import build_frame_dataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
     from pipelines.networks import build_network, tiny_config
-    from pipelines.pipeline_echodiff import EchoDiffPipeline
-    from pipelines.scheduling_edm_heun import EDMHeunScheduler
 
     echonet = write_synthetic_echonet(tmp_path / "echonet", num_videos=6, seed=0, num_frames=(12, 14),
                                       num_workers=1)

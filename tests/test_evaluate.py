@@ -8,9 +8,7 @@ import pytest
 import torch
 
 import evaluate
-from pipelines.evaluation import frame_level_halves, load_frames, patient_level_halves
-from pipelines.generation import load_images
-from pipelines.metrics.fid import (
+from pipelines.evaluation.fid import (
     FingerprintMismatchError,
     InceptionDetector,
     compute_features,
@@ -18,15 +16,17 @@ from pipelines.metrics.fid import (
     frechet_distance,
     real_subsample_indices,
 )
+from pipelines.evaluation.generation import load_images
+from pipelines.evaluation.protocol import frame_level_halves, load_frames, patient_level_halves
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    from pipelines.components.pipeline_echodiff import EchoDiffPipeline
+    from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
     from pipelines.data.echonet_frames import build_frame_dataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
     from pipelines.networks import build_network, tiny_config
-    from pipelines.pipeline_echodiff import EchoDiffPipeline
-    from pipelines.scheduling_edm_heun import EDMHeunScheduler
 
     root = tmp_path_factory.mktemp("evaluate")
     echonet = write_synthetic_echonet(root / "echonet", num_videos=8, seed=0, num_frames=(12, 14), num_workers=1)

@@ -9,8 +9,8 @@ import scipy.linalg
 import torch
 
 from pipelines.data.synthetic_echonet import synthetic_frames
-from pipelines.metrics import fid as fidlib
-from pipelines.metrics.fid import (
+from pipelines.evaluation import fid as fidlib
+from pipelines.evaluation.fid import (
     FeatureCache,
     FeatureStatistics,
     FingerprintMismatchError,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.generation import generate_images, load_images, parse_seeds, save_image_grid
+from pipelines.evaluation.generation import generate_images, load_images, parse_seeds, save_image_grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,9 +117,9 @@ def test_seeds_split_across_processes(tmp_path):
 
 
 def _tiny_pipeline():
+    from pipelines.components.pipeline_echodiff import EchoDiffPipeline
+    from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
     from pipelines.networks import build_network, tiny_config
-    from pipelines.pipeline_echodiff import EchoDiffPipeline
-    from pipelines.scheduling_edm_heun import EDMHeunScheduler
 
     torch.manual_seed(0)
     pipe = EchoDiffPipeline(unet=build_network("ddpmpp", **tiny_config("ddpmpp")), scheduler=EDMHeunScheduler())
@@ -144,7 +144,7 @@ def test_killed_process_resumes_to_same_images(tmp_path):
         import os, sys, torch
         sys.path.insert(0, {str(REPO)!r})
         from tests.test_generation import _tiny_pipeline
-        from pipelines.generation import generate_images
+        from pipelines.evaluation.generation import generate_images
         torch.set_num_threads(1)
         pipe = _tiny_pipeline()
         calls = [0]

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard, RepoUrl
 
+from pipelines.components.pipeline_echodiff import EchoDiffPipeline
+from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
 from pipelines.hub import push_pipeline, render_model_card
 from pipelines.networks import build_network, tiny_config
-from pipelines.pipeline_echodiff import EchoDiffPipeline
-from pipelines.scheduling_edm_heun import EDMHeunScheduler
 
 SAVED_FILES = {
     "model_index.json",

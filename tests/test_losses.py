@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from pipelines.components.scheduling_edm_heun import EDMPreconditioning
 from pipelines.losses import DenoisingLoss
 from pipelines.networks import build_network, tiny_config
-from pipelines.scheduling_edm_heun import EDMPreconditioning
 
 
 class _RecordingNet(torch.nn.Module):

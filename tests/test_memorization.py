@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipelines.data.synthetic_echonet import synthetic_frames
-from pipelines.memorization import (
+from pipelines.evaluation.memorization import (
     SpaceAudit,
     audit_memorization,
     combine_spaces,

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines import unet_adm, unet_song
+from pipelines.components import unet_adm, unet_song
+from pipelines.components.unet_adm import ADMUNet2DModel
+from pipelines.components.unet_song import SongUNet2DModel
 from pipelines.networks import ARCHITECTURES, build_network, tiny_config
-from pipelines.unet_adm import ADMUNet2DModel
-from pipelines.unet_song import SongUNet2DModel
 
 ARCHS = ["adm", "ddpmpp", "ncsnpp"]
 # Issue 3 / paper Table 1 (295.1M, 55.7M, 56.4M), at 64x64, unconditional.

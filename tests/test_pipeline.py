@@ -13,9 +13,9 @@ import pytest
 import torch
 from diffusers.utils import dynamic_modules_utils
 
+from pipelines.components.pipeline_echodiff import EchoDiffPipeline, foreign_imports
+from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
 from pipelines.networks import build_network, tiny_config
-from pipelines.pipeline_echodiff import EchoDiffPipeline, foreign_imports
-from pipelines.scheduling_edm_heun import EDMHeunScheduler
 from pipelines.utils import to_uint8
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,7 +161,7 @@ def test_save_and_load_with_own_classes_is_bitwise_equal(arch, tmp_path):
     for path in ("pipeline_echodiff.py", f"unet/{module}.py", "scheduler/scheduling_edm_heun.py",
                  "unet/diffusion_pytorch_model.safetensors"):
         assert (tmp_path / path).is_file(), path
-    assert (tmp_path / f"unet/{module}.py").read_text() == (REPO / f"pipelines/{module}.py").read_text()
+    assert (tmp_path / f"unet/{module}.py").read_text() == (REPO / f"pipelines/components/{module}.py").read_text()
 
     loaded = EchoDiffPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
@@ -214,7 +214,7 @@ def test_remote_code_load_in_a_fresh_process_is_bitwise_equal(pipe, tmp_path):
 
 def test_carried_files_import_only_allowed_modules(tmp_path):
     for name in ("scheduling_edm_heun.py", "pipeline_echodiff.py", "unet_song.py", "unet_adm.py"):
-        assert foreign_imports(REPO / "pipelines" / name) == [], name
+        assert foreign_imports(REPO / "pipelines" / "components" / name) == [], name
     bad = tmp_path / "bad_component.py"
     bad.write_text("import math\nimport torch\nfrom pipelines.utils import to_uint8\nfrom .helpers import x\n")
     assert foreign_imports(bad) == [".helpers", "pipelines.utils"]

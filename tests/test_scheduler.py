@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from pipelines.scheduling_edm_heun import EDMHeunScheduler
+from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
 
 # facts.md: the EDM sigma grid for 30 steps (rho 7, 80 -> 0.002), as printed there.
 FACTS_GRID_30 = ("80 66.10 54.33 44.40 36.07 29.11 23.34 18.58 14.68 11.50 8.93 6.87 5.23 3.94 2.93 2.15 1.56 "

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from pipelines import sweep
+from pipelines.evaluation import sweep
 from pipelines.networks import build_network, tiny_config
-from pipelines.training import ConfigError, TrainConfig
+from pipelines.training.loop import ConfigError, TrainConfig
 
 # Each test starts and ends with a fresh accelerate state (conftest.py).
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipelines.data.synthetic_echonet import synthetic_frames
-from pipelines.metrics.fid import InceptionDetector, compute_features, feature_statistics, frechet_distance
+from pipelines.evaluation.fid import InceptionDetector, compute_features, feature_statistics, frechet_distance
 
 N = 36  # per set; 4 sets ~ 15 s of Inception on 2 CPU cores
 

@@ -1,4 +1,4 @@
-"""train_unconditional.py / pipelines.training: training, exact resume, kill-safe checkpoints, data
+"""train_unconditional.py / pipelines.training.loop: training, exact resume, kill-safe checkpoints, data
 parallelism, argument errors. Tiny networks on a tiny synthetic EchoNet frame dataset, CPU only."""
 
 import json
@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 import train_unconditional
-from pipelines import training
 from pipelines.networks import tiny_config
-from pipelines.training import (
+from pipelines.training import loop as training
+from pipelines.training.loop import (
     ConfigError,
     TrainConfig,
     TrainStats,
@@ -474,7 +474,7 @@ def test_accelerate_configs_load_and_launch_sets_the_auto_precision(tmp_path):
             assert config.dynamo_config["dynamo_backend"] == "INDUCTOR", name
     # `accelerate launch` exports the config's precision, and "auto" takes it.
     script = tmp_path / "which_precision.py"
-    script.write_text("from pipelines.training import resolve_mixed_precision\n"
+    script.write_text("from pipelines.training.loop import resolve_mixed_precision\n"
                       "print('precision', resolve_mixed_precision('auto', cpu=True))\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("ACCELERATE_MIXED_PRECISION", None)

@@ -627,9 +627,9 @@ def build_adam(params, cfg: TrainConfig) -> torch.optim.Adam:
 
 
 def _build_components(cfg: TrainConfig, resolution: int, channels: int):
+    from pipelines.components.scheduling_edm_heun import EDMHeunScheduler, EDMPreconditioning
     from pipelines.losses import DenoisingLoss
     from pipelines.networks import build_network
-    from pipelines.scheduling_edm_heun import EDMHeunScheduler, EDMPreconditioning
 
     net = build_network(cfg.arch, resolution=resolution, channels=channels, dropout=cfg.dropout,
                         **cfg.network_overrides)
@@ -648,7 +648,7 @@ def _new_sampling_net(net, device):
 
 
 def _sampling_pipeline(net_for_sampling, scheduler):
-    from pipelines.pipeline_echodiff import EchoDiffPipeline
+    from pipelines.components.pipeline_echodiff import EchoDiffPipeline
 
     pipe = EchoDiffPipeline(unet=net_for_sampling, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)

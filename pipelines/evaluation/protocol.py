@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.generation import SHARD_GLOB, generate_images, parse_seeds, read_shard
-from pipelines.metrics.fid import (
+from pipelines.evaluation.fid import (
     DETECTOR_ID,
     FeatureStatistics,
     InceptionDetector,
@@ -37,6 +36,7 @@ from pipelines.metrics.fid import (
     reference_fingerprint,
     reference_statistics,
 )
+from pipelines.evaluation.generation import SHARD_GLOB, generate_images, parse_seeds, read_shard
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("ECHODIFF_CACHE", Path.home() / ".cache" / "echodiff"))
 DEFAULT_NUM_REAL = 50_000
@@ -96,7 +96,7 @@ def is_image_source(source: str | os.PathLike) -> bool:
 
 def load_pipeline(path_or_hub_id: str | os.PathLike, device: str | None = None) -> Any:
     """A saved EchoDiff pipeline (folder or Hub id), loaded with the installed EchoDiff classes."""
-    from pipelines.pipeline_echodiff import EchoDiffPipeline
+    from pipelines.components.pipeline_echodiff import EchoDiffPipeline
 
     try:
         pipe = EchoDiffPipeline.from_pretrained(str(path_or_hub_id))

@@ -38,12 +38,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.training import ARCH_NAMES, PRECOND_NAMES, ConfigError, TrainConfig
+from pipelines.training.loop import ARCH_NAMES, PRECOND_NAMES, ConfigError, TrainConfig
 
 MODEL_NAMES = {"adm": "ADM", "ddpmpp": "DDPM++", "ncsnpp": "NCSN++"}
 SAMPLER_NAMES = {"edm": "EDM", "vp": "VP", "ve": "VE"}
 RESULT_FILE = "result.json"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # Set by the sweep itself, per run: not allowed in the config's train: section or a run.
 SWEEP_OWNED = {"dataset", "output_dir", "resume_from_checkpoint"}
@@ -137,7 +137,7 @@ def parse_sweep_config(data: dict[str, Any], source: str = "<config>") -> SweepC
         raise ConfigError(f"{source}: launcher: expected a command string or null, got {launcher!r}")
     config = SweepConfig(dataset=str(data["dataset"]), output_dir=str(data["output_dir"]), runs=runs, train=train,
                          evaluation=evaluation, launcher=launcher, source=source, raw=data)
-    from pipelines.training import validate_config
+    from pipelines.training.loop import validate_config
 
     for run in runs:  # every run's settings are checked before the first one trains
         try:
@@ -212,7 +212,7 @@ def train_run(config: SweepConfig, run: SweepRun, progress: bool = True) -> None
                                f"(command: {shlex.join(command)}); rerun the sweep to resume from its checkpoint")
         return
     from pipelines.demo import _reset_accelerate_state
-    from pipelines.training import train
+    from pipelines.training.loop import train
 
     _reset_accelerate_state()  # each run may pick its own precision / device settings
     train(tcfg)
@@ -227,8 +227,8 @@ def evaluate_run(config: SweepConfig, run: SweepRun, cache_dir: Path, progress: 
     """FID (+ KID) of the run's exported pipeline with the sweep's protocol; None on non-main processes."""
     from accelerate import Accelerator
 
-    from pipelines import evaluation as ev
-    from pipelines.metrics.fid import InceptionDetector
+    from pipelines.evaluation import protocol as ev
+    from pipelines.evaluation.fid import InceptionDetector
 
     ev_cfg = config.evaluation
     accelerator = Accelerator()
@@ -256,7 +256,7 @@ def evaluate_run(config: SweepConfig, run: SweepRun, cache_dir: Path, progress: 
 def _training_summary(pipeline_dir: Path) -> dict:
     """What the exported run says about itself: arch, precond, batch, images seen, parameters."""
     from pipelines.hub import _count_parameters
-    from pipelines.training import find_latest_checkpoint
+    from pipelines.training.loop import find_latest_checkpoint
 
     train_dir = pipeline_dir.parent
 

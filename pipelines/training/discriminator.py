@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pipelines.discriminator import EchoDiffDiscriminator
+from pipelines.components.discriminator import EchoDiffDiscriminator
 from pipelines.utils import to_float
 
 SIGMA_DISTRIBUTIONS = ("log-uniform", "log-normal")
@@ -496,7 +496,7 @@ def generated_images(source: str | os.PathLike | None = None, pipeline=None, out
                      accelerator=None, seed_offset: int = 0, progress: bool = True) -> np.ndarray:
     """Unguided samples: loaded from ``source`` (.npz, shard or PNG folder), or generated from ``pipeline``
     into ``out_dir`` (per-seed, resumable shards; seeds ``seed_offset .. seed_offset + num - 1``)."""
-    from pipelines.generation import generate_images, load_images
+    from pipelines.evaluation.generation import generate_images, load_images
 
     if source is not None:
         images = load_images(source)
@@ -526,7 +526,7 @@ def fid_epoch_scorer(pipeline, out_dir: str | os.PathLike, frames, seeds: Sequen
                      **dg_kwargs) -> Callable[[int], float]:
     """``score(epoch)`` = FID of DG samples (``seeds``) with that epoch's discriminator, as the paper
     selects epochs. Samples go to ``out_dir/selection/epoch-NNN`` (resumable, features cached)."""
-    from pipelines.evaluation import fid_of_samples
+    from pipelines.evaluation.protocol import fid_of_samples
 
     out_dir = Path(out_dir)
 

@@ -5,7 +5,7 @@ For every generated frame we find the most similar training frame in one or more
 - ``pixel``: normalised pixel correlation (Pearson correlation of the flattened frames = cosine
   similarity of mean-centred, unit-norm pixel vectors);
 - ``inception``: cosine similarity of the 2048-d Inception features used for FID
-  (``pipelines.metrics.fid``).
+  (``pipelines.evaluation.fid``).
 
 The threshold of each space is calibrated on real data: the ``percentile`` (95 by default) of the
 nearest-train similarity of held-out real frames (validation / test split, other patients), the rule of
@@ -32,7 +32,7 @@ import torch
 
 FEATURE_SPACES = ("pixel", "inception")
 COMBINE_RULES = ("any", "all")
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "audit_section.md"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "audit_section.md"
 
 FeatureFn = Callable[[str, np.ndarray], np.ndarray]
 
@@ -105,7 +105,7 @@ def default_inception_fn(batch_size: int = 64) -> FeatureFn:
 
     def compute(role: str, images: np.ndarray) -> np.ndarray:
         nonlocal detector
-        from pipelines.metrics.fid import InceptionDetector, compute_features
+        from pipelines.evaluation.fid import InceptionDetector, compute_features
 
         if detector is None:
             detector = InceptionDetector()
@@ -116,7 +116,7 @@ def default_inception_fn(batch_size: int = 64) -> FeatureFn:
 
 class ArrayFrames:
     """A uint8 array seen as a frame dataset (``len``, ``images_uint8``), so that
-    ``pipelines.metrics.fid.dataset_features`` can cache its Inception features on disk."""
+    ``pipelines.evaluation.fid.dataset_features`` can cache its Inception features on disk."""
 
     def __init__(self, images: np.ndarray, name: str):
         self.images = check_images(images, name)
@@ -141,13 +141,13 @@ class FrameSource:
 def cached_inception_fn(sources: dict, cache_dir: str | os.PathLike, batch_size: int = 64,
                         progress: bool = False) -> FeatureFn:
     """Inception features per role from ``sources[role]`` (a list of FrameSource, concatenated), through
-    the per-frame on-disk cache of ``pipelines.metrics.fid``: an interrupted run keeps finished chunks and
+    the per-frame on-disk cache of ``pipelines.evaluation.fid``: an interrupted run keeps finished chunks and
     a rerun (e.g. another generated set against the same training split) reuses them."""
     detector = None
 
     def compute(role: str, images: np.ndarray) -> np.ndarray:
         nonlocal detector
-        from pipelines.metrics.fid import InceptionDetector, dataset_features
+        from pipelines.evaluation.fid import InceptionDetector, dataset_features
 
         if detector is None:
             detector = InceptionDetector()
@@ -407,7 +407,7 @@ def save_pair_grid(pairs: Sequence[dict], generated_images: np.ndarray,
 def write_filtered(generated_images: np.ndarray, keep: np.ndarray, path: str | os.PathLike,
                    seeds: np.ndarray | None = None) -> Path:
     """Write the kept generated frames as ``.npz``: ``images`` uint8 NCHW, ``indices`` into the input and,
-    when known, their generation ``seeds`` (``pipelines.generation.load_images`` reads it back)."""
+    when known, their generation ``seeds`` (``pipelines.evaluation.generation.load_images`` reads it back)."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"filtered output must end in .npz, got '{path}'")
