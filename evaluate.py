@@ -152,8 +152,10 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     from accelerate import Accelerator
 
+    from pipelines.hub import load_pipeline
+
     accelerator = Accelerator()
-    pipeline = ev.load_pipeline(args.model, device=str(accelerator.device))
+    pipeline = load_pipeline(args.model, device=str(accelerator.device))
     sampler_kwargs = _sampler_kwargs(args.sampler_kwargs)
     run_info = {"model": str(args.model)}
     detector = InceptionDetector(device=device) if accelerator.is_main_process else None

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from accelerate import Accelerator
 
-    from pipelines.evaluation.protocol import load_pipeline
+    from pipelines.hub import load_pipeline
     from pipelines.training import discriminator as dg
 
     out = Path(args.out)

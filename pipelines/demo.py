@@ -301,6 +301,7 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
     from pipelines.evaluation import protocol as ev
     from pipelines.evaluation.fid import InceptionDetector
     from pipelines.evaluation.generation import finished_seeds, generate_images, load_images, save_image_grid
+    from pipelines.hub import load_pipeline
 
     cfg = dataclasses.replace(cfg, **changes) if cfg is not None else DemoConfig(**changes)
     out = Path(cfg.out_dir)
@@ -322,7 +323,7 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
         loss_png = plot_loss_curve(history, out / "loss_curve.png",
                                    f"{cfg.arch.upper()}-{cfg.precond.upper()} demo, batch {cfg.batch_size}")
 
-    pipes = {"trained": ev.load_pipeline(train_dir / "pipeline"), "untrained": untrained_pipeline(cfg, frames.channels)}
+    pipes = {"trained": load_pipeline(train_dir / "pipeline"), "untrained": untrained_pipeline(cfg, frames.channels)}
     untrained_identity = {k: train_info["identity"][k] for k in ("arch", "precond", "network_overrides", "seed",
                                                                  "dropout")} | {"resolution": cfg.resolution}
     sample_dirs = {"trained": out / "samples" / f"trained-{identity_key([train_info['identity'], train_info['images_seen']])}",

@@ -27,8 +27,9 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _count_parameters(folder: Path) -> int | None:
-    files = sorted(folder.glob("*.safetensors"))
+def count_parameters(folder: str | os.PathLike) -> int | None:
+    """Number of parameters stored in the safetensors files of a saved model folder (None if it has none)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         return None
     total = 0
@@ -50,7 +51,7 @@ def describe_pipeline_folder(folder: str | os.PathLike) -> dict:
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
     size = unet_config.get("sample_size")
     resolution = f"{size}x{size}" if isinstance(size, int) else "x".join(str(s) for s in size or [])
-    num_parameters = _count_parameters(folder / "unet")
+    num_parameters = count_parameters(folder / "unet")
     return {
         "pipeline_class": index["_class_name"][-1] if isinstance(index["_class_name"], list) else index["_class_name"],
         "network_class": unet_config.get("_class_name", index.get("unet", [None, "?"])[1]),
@@ -129,3 +130,35 @@ def push_pipeline(pipeline_or_folder, repo_id: str, private: bool = True, metric
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
         return api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(folder), repo_type="model", token=token,
                                  commit_message=commit_message or "Upload EchoDiff pipeline")
+
+
+def load_pipeline(path_or_hub_id: str | os.PathLike, device: str | None = None, trust_remote_code: bool | None = None,
+                  **kwargs):
+    """A saved EchoDiff pipeline through diffusers' own loader (``dtype``, ``variant``, ``device_map`` pass through).
+
+    A saved pipeline carries its code, which diffusers runs only with ``trust_remote_code``. The default
+    trusts a local folder (it is on your disk) but not a Hub id: pass ``trust_remote_code=True`` once
+    you have read the repository's code.
+    """
+    from diffusers import DiffusionPipeline
+
+    local = Path(path_or_hub_id).expanduser()
+    is_local = local.is_dir()
+    if trust_remote_code is None:
+        trust_remote_code = is_local
+    text = str(path_or_hub_id)
+    looks_local = text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local and not is_local:
+        raise ValueError(f"'{path_or_hub_id}' is neither a saved pipeline folder (no such folder) nor a Hub id")
+    if is_local and not (local / "model_index.json").is_file():
+        raise ValueError(f"'{path_or_hub_id}' is a folder but not a saved pipeline (no model_index.json)")
+    if not is_local and not trust_remote_code:
+        raise ValueError(f"'{path_or_hub_id}' is a Hub id: its pipeline code runs when loaded, so pass "
+                         "trust_remote_code=True (CLI --trust_remote_code) after reading the repository's code")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(local if is_local else path_or_hub_id),
+                                                 trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"'{path_or_hub_id}' could not be loaded as a pipeline ({type(exc).__name__}: {exc})") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device else pipe

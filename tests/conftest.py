@@ -18,10 +18,8 @@ def seed_all():
 @pytest.fixture
 def fresh_accelerate_state():
     """Accelerate keeps process-wide singletons; reset them so each training test picks its own settings."""
-    from accelerate.state import AcceleratorState, GradientState
+    from pipelines.utils import reset_accelerate_state
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()

@@ -142,5 +142,5 @@ def test_cli_errors(workspace, tmp_path, capsys):
     with pytest.raises(SystemExit, match="JSON object"):
         evaluate.main(_args(workspace, "fid", "--model", workspace["model"], "--sampler-kwargs", "[1]",
                             "--out", str(tmp_path)))
-    with pytest.raises(ValueError, match="neither an image set"):
+    with pytest.raises(ValueError, match="neither a saved pipeline folder"):
         evaluate.main(_args(workspace, "fid", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path)))

@@ -94,19 +94,6 @@ def is_image_source(source: str | os.PathLike) -> bool:
         and not (path / "model_index.json").exists()
 
 
-def load_pipeline(path_or_hub_id: str | os.PathLike, device: str | None = None) -> Any:
-    """A saved EchoDiff pipeline (folder or Hub id), loaded with the installed EchoDiff classes."""
-    from pipelines.components.pipeline_echodiff import EchoDiffPipeline
-
-    try:
-        pipe = EchoDiffPipeline.from_pretrained(str(path_or_hub_id))
-    except Exception as exc:
-        raise ValueError(f"'{path_or_hub_id}' is neither an image set (.npz, shard or PNG folder) nor a loadable "
-                         f"pipeline folder / Hub id ({type(exc).__name__}: {exc})") from exc
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device) if device else pipe
-
-
 def default_device() -> str:
     import torch
 

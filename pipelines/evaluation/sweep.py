@@ -229,11 +229,12 @@ def evaluate_run(config: SweepConfig, run: SweepRun, cache_dir: Path, progress: 
 
     from pipelines.evaluation import protocol as ev
     from pipelines.evaluation.fid import InceptionDetector
+    from pipelines.hub import load_pipeline
 
     ev_cfg = config.evaluation
     accelerator = Accelerator()
     pipeline_dir = Path(config.output_dir) / run.name / "train" / "pipeline"
-    pipe = ev.load_pipeline(pipeline_dir, device=str(accelerator.device))
+    pipe = load_pipeline(pipeline_dir, device=str(accelerator.device))
     frames = ev.load_frames(config.dataset, ev_cfg["split"])
     first = int(ev_cfg["first_seed"])
     seeds = list(range(first, first + int(ev_cfg["num_generated"])))
@@ -255,7 +256,7 @@ def evaluate_run(config: SweepConfig, run: SweepRun, cache_dir: Path, progress: 
 
 def _training_summary(pipeline_dir: Path) -> dict:
     """What the exported run says about itself: arch, precond, batch, images seen, parameters."""
-    from pipelines.hub import _count_parameters
+    from pipelines.hub import count_parameters
     from pipelines.training.loop import find_latest_checkpoint
 
     train_dir = pipeline_dir.parent
@@ -267,7 +268,7 @@ def _training_summary(pipeline_dir: Path) -> dict:
     cfg = state["config"]
     return {"arch": cfg["arch"], "precond": cfg["precond"], "batch_size": cfg["batch_size"],
             "images_seen": state["images_seen"], "duration_kimg": cfg["duration_kimg"],
-            "num_parameters": _count_parameters(pipeline_dir / "unet"), "train_config": cfg}
+            "num_parameters": count_parameters(pipeline_dir / "unet"), "train_config": cfg}
 
 
 def _format_kimg(images_seen: int) -> str:
