@@ -100,7 +100,7 @@ def count_flops(arch: str, channels: int, resolution: int, quick: bool, batch: i
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipelines.components.scheduling_edm_heun import EDMPreconditioning
+    from pipelines.components.preconditioning import EDMPreconditioning
     from pipelines.networks import build_network
 
     pre = EDMPreconditioning()
@@ -194,7 +194,7 @@ def network_cell(spec: dict) -> dict:
         del optimizer, model, ema
 
     if spec["sample"]:
-        from pipelines.components.scheduling_edm_heun import EDMPreconditioning
+        from pipelines.components.preconditioning import EDMPreconditioning
 
         pre = EDMPreconditioning()
         sample_net = net.eval()

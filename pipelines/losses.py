@@ -13,7 +13,7 @@ import math
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipelines.components.scheduling_edm_heun import EDMPreconditioning
+from pipelines.components.preconditioning import EDMPreconditioning
 
 
 class DenoisingLoss:

@@ -44,7 +44,7 @@ def test_input_scaling_matches_karras_table1_by_hand(sigma):
 
 @pytest.mark.parametrize("kind", ["edm", "vp", "ve"])
 def test_input_scaling_agrees_with_scheduler_preconditioning(kind):
-    from pipelines.components.scheduling_edm_heun import EDMPreconditioning
+    from pipelines.components.preconditioning import EDMPreconditioning
 
     pre = EDMPreconditioning(kind=kind)
     sigma = torch.tensor([0.03, 0.2, 1.0, 7.0, 60.0], dtype=torch.float64)

@@ -13,6 +13,7 @@ from pipelines.networks import build_network, tiny_config
 SAVED_FILES = {
     "model_index.json",
     "pipeline_echodiff.py",
+    "scheduler/preconditioning.py",
     "scheduler/scheduler_config.json",
     "scheduler/scheduling_edm_heun.py",
     "unet/config.json",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipelines.components.scheduling_edm_heun import EDMPreconditioning
+from pipelines.components.preconditioning import EDMPreconditioning
 from pipelines.losses import DenoisingLoss
 from pipelines.networks import build_network, tiny_config
 

@@ -526,7 +526,8 @@ def test_push_to_hub_uploads_the_exported_pipeline(frames16, tmp_path):
     assert api.calls[0] == ("create_repo", "me/echodiff-tiny", True)
     assert api.calls[1][:2] == ("upload_folder", "me/echodiff-tiny")
     assert api.calls[1][2] == sorted([
-        "README.md", "model_index.json", "pipeline_echodiff.py", "scheduler/scheduler_config.json",
+        "README.md", "model_index.json", "pipeline_echodiff.py", "scheduler/preconditioning.py",
+        "scheduler/scheduler_config.json",
         "scheduler/scheduling_edm_heun.py", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
         "unet/unet_song.py"])
     assert "me/echodiff-tiny" in (result.pipeline_dirs[0] / "README.md").read_text()

@@ -47,9 +47,26 @@ def foreign_imports(source_file: str | os.PathLike) -> list[str]:
     text = Path(source_file).read_text(encoding="utf-8")
     for module in (m for pattern in _IMPORT_PATTERNS for m in pattern.findall(text)):
         root = module.split(".")[0]
-        if module.startswith(".") or (root not in ALLOWED_IMPORTS and root not in sys.stdlib_module_names):
+        if module.startswith("."):
+            continue  # a sibling: copied along with the file
+        if root not in ALLOWED_IMPORTS and root not in sys.stdlib_module_names:
             found.add(module)
     return sorted(found)
+
+
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
+
+
+def _relative_import_closure(source: Path) -> list[Path]:
+    """``source`` and the sibling files it imports relatively (recursively): what its folder must carry."""
+    found, todo = [], [source]
+    while todo:
+        path = todo.pop()
+        if path in found:
+            continue
+        found.append(path)
+        todo += [path.parent / f"{name}.py" for name in _RELATIVE_IMPORT.findall(path.read_text(encoding="utf-8"))]
+    return found
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -420,9 +437,10 @@ class EchoDiffPipeline(DiffusionPipeline):
                 "and the standard library, or it will not load with trust_remote_code in other environments."
             )
         destination.mkdir(parents=True, exist_ok=True)
-        target = destination / Path(source).name
-        if Path(source).resolve() != target.resolve():
-            shutil.copyfile(source, target)
+        for path in _relative_import_closure(Path(source)):
+            target = destination / path.name
+            if path.resolve() != target.resolve():
+                shutil.copyfile(path, target)
         return Path(source).stem
 
     @classmethod

@@ -627,7 +627,8 @@ def build_adam(params, cfg: TrainConfig) -> torch.optim.Adam:
 
 
 def _build_components(cfg: TrainConfig, resolution: int, channels: int):
-    from pipelines.components.scheduling_edm_heun import EDMHeunScheduler, EDMPreconditioning
+    from pipelines.components.preconditioning import EDMPreconditioning
+    from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
     from pipelines.losses import DenoisingLoss
     from pipelines.networks import build_network
 
