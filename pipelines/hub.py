@@ -10,7 +10,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
@@ -94,9 +94,9 @@ def build_card_data(model_name: str, metrics: Mapping[str, float] | None = None,
 
 
 def render_model_card(folder: str | os.PathLike, repo_id: str, metrics: Mapping[str, float] | None = None,
-                      card_data: Mapping | None = None, template_path: str | os.PathLike = MODEL_CARD_TEMPLATE,
-                      **template_kwargs) -> ModelCard:
-    """The model card for the pipeline saved in ``folder``, rendered from ``template_path``."""
+                      card_data: Mapping | None = None, sections: Sequence[str] = (),
+                      template_path: str | os.PathLike = MODEL_CARD_TEMPLATE) -> ModelCard:
+    """The model card of the pipeline saved in ``folder``: the template, then each of ``sections`` (Markdown)."""
     if not Path(template_path).is_file():
         raise FileNotFoundError(f"model card template {template_path} not found")
     card_data = dict(card_data or {})
@@ -104,32 +104,50 @@ def render_model_card(folder: str | os.PathLike, repo_id: str, metrics: Mapping[
     model_name = card_data.pop("model_name", repo_id.split("/")[-1])
     data = build_card_data(model_name, metrics, card_data, dataset_type=dataset[0], dataset_name=dataset[1])
     facts = describe_pipeline_folder(folder)
-    facts.update(template_kwargs)
     return ModelCard.from_template(data, template_path=str(template_path), repo_id=repo_id, model_name=model_name,
-                                   metrics=dict(metrics or {}), dataset_name=dataset[1], **facts)
+                                   metrics=dict(metrics or {}), dataset_name=dataset[1],
+                                   sections=[s.strip("\n") for s in sections], **facts)
+
+
+def write_model_card(folder: str | os.PathLike, repo_id: str, metrics: Mapping[str, float] | None = None,
+                     card_data: Mapping | None = None, sections: Sequence[str] = ()) -> Path:
+    """Render the card (see :func:`render_model_card`) into ``folder/README.md``."""
+    path = Path(folder) / "README.md"
+    render_model_card(folder, repo_id, metrics, card_data, sections).save(str(path))
+    return path
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise ValueError(f"repo_id must look like 'name' or 'user/name', got {repo_id!r}")
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = True, api: HfApi | None = None,
+                token: str | None = None, commit_message: str | None = None):
+    """Upload a saved folder as it is (its README.md included) to a Hub model repo; private by default."""
+    _check_repo_id(repo_id)
+    api = api if api is not None else HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+    return api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(folder), repo_type="model", token=token,
+                             commit_message=commit_message or "Upload EchoDiff pipeline")
 
 
 def push_pipeline(pipeline_or_folder, repo_id: str, private: bool = True, metrics: Mapping[str, float] | None = None,
-                  card_data: Mapping | None = None, api: HfApi | None = None, token: str | None = None,
-                  commit_message: str | None = None):
-    """Upload a pipeline (saved to a temporary folder) or a saved folder (its README.md is rewritten) with its card.
+                  card_data: Mapping | None = None, sections: Sequence[str] = (), api: HfApi | None = None,
+                  token: str | None = None, commit_message: str | None = None):
+    """Save a pipeline (to a temporary folder) or take a saved folder, write its card, upload it.
 
     Returns the ``upload_folder`` result. ``api`` defaults to ``HfApi(token=token)``.
     """
-    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
-        raise ValueError(f"repo_id must look like 'name' or 'user/name', got {repo_id!r}")
-    api = api if api is not None else HfApi(token=token)
+    _check_repo_id(repo_id)
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(pipeline_or_folder, (str, os.PathLike)):
             folder = Path(pipeline_or_folder)
         else:
             folder = Path(tmp)
             pipeline_or_folder.save_pretrained(folder)
-        card = render_model_card(folder, repo_id, metrics=metrics, card_data=card_data)
-        card.save(str(folder / "README.md"))
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
-        return api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(folder), repo_type="model", token=token,
-                                 commit_message=commit_message or "Upload EchoDiff pipeline")
+        write_model_card(folder, repo_id, metrics, card_data, sections)
+        return push_folder(folder, repo_id, private=private, api=api, token=token, commit_message=commit_message)
 
 
 def load_pipeline(path_or_hub_id: str | os.PathLike, device: str | None = None, trust_remote_code: bool | None = None,

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# diffusers copies the code of pipelines loaded with trust_remote_code here (read when diffusers is imported).
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="echodiff-test-hf-modules-"))
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from diffusers.configuration_utils import register_to_config
 
 from pipelines.components.discriminator import EchoDiffDiscriminator
 from pipelines.components.pipeline_echodiff import EchoDiffPipeline
+from pipelines.components.scheduling_edm_ablation import EDMAblationScheduler
 from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
 
 RES, S, SD = 4, 0.5, 0.5  # 1x4x4 "images", data std s, EDM sigma_data
@@ -66,6 +67,11 @@ def gaussian_pipe(mean):
     pipe = EchoDiffPipeline(unet=ExactGaussianNet(mean=tuple(mean.tolist())), scheduler=EDMHeunScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def denoise(pipe, x, sigma):
+    """The pipeline's unguided D(x; sigma): its UNet under its scheduler's preconditioning."""
+    return pipe.scheduler.preconditioning.denoise(pipe.unet, x, torch.tensor(sigma, dtype=torch.float64)).double()
 
 
 def latent(pipe, seeds, steps=30, **kw):
@@ -210,7 +216,7 @@ def test_dg_vector_boost_only_on_even_steps_and_for_fake_judged_samples():
     euler = [c for c in captured if c[0]]
     assert len(euler) == steps and len(captured) == 2 * steps - 1
     for i, (_, sigma, x, d_dg) in enumerate(euler):
-        plain = pipe.denoise(x, torch.tensor(sigma, dtype=torch.float64)).double()
+        plain = denoise(pipe, x, sigma)
         fake = (x.reshape(len(seeds), -1).double() @ a - 0.05) < 0
         assert 0 < fake.sum() < len(seeds) or i > 0  # both kinds at the first (boosted) step
         factor = torch.where(fake & torch.tensor(i % 2 == 0), 3.0, 1.0).double()
@@ -218,7 +224,7 @@ def test_dg_vector_boost_only_on_even_steps_and_for_fake_judged_samples():
         torch.testing.assert_close(d_dg.double(), expected, rtol=1e-5, atol=1e-4 * max(1.0, sigma**2))
     for first, sigma, x, d in captured:  # corrections untouched (w2 = 0)
         if not first:
-            torch.testing.assert_close(d.double(), pipe.denoise(x, torch.tensor(sigma, dtype=torch.float64)).double(),
+            torch.testing.assert_close(d.double(), denoise(pipe, x, sigma),
                                        rtol=0, atol=0)
 
 
@@ -277,7 +283,7 @@ def test_dg_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="one logit per sample"):
         pipe(seeds=[0, 1], num_inference_steps=4, dg_weight_first_order=1.0,
              discriminator=lambda x, sigma: torch.zeros(1, 3))
-    vp_time = EchoDiffPipeline(unet=pipe.unet, scheduler=EDMHeunScheduler(schedule="vp", scaling="vp"),
+    vp_time = EchoDiffPipeline(unet=pipe.unet, scheduler=EDMAblationScheduler(schedule="vp", scaling="vp"),
                                discriminator=pipe.discriminator)
     with pytest.raises(ValueError, match="dg_boost_churn"):
         vp_time(seeds=[0], num_inference_steps=4, dg_weight_first_order=1.0, dg_boost_churn=True)
@@ -292,9 +298,11 @@ def test_pipeline_with_discriminator_saves_and_loads_with_dg(tmp_path):
     index = json.loads((tmp_path / "p" / "model_index.json").read_text())
     assert index["discriminator"] == ["discriminator", "EchoDiffDiscriminator"]
     assert (tmp_path / "p" / "discriminator" / "discriminator.py").is_file()
-    loaded = EchoDiffPipeline.from_pretrained(tmp_path / "p")
+    loaded = EchoDiffPipeline.from_pretrained(tmp_path / "p", trust_remote_code=True)
     loaded.set_progress_bar_config(disable=True)
-    assert isinstance(loaded.discriminator, EchoDiffDiscriminator)
+    assert type(loaded.discriminator).__name__ == EchoDiffDiscriminator.__name__
+    assert {p.name for p in (tmp_path / "p" / "discriminator").glob("*.py")} == {"discriminator.py", "layers.py",
+                                                                               "preconditioning.py"}
     torch.testing.assert_close(latent(loaded, [3, 4], 6, **kw), expected, rtol=1e-5, atol=1e-5)
     np.save(tmp_path / "expected.npy", expected.float().numpy())
 

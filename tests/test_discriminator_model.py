@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from pipelines.components.discriminator import EchoDiffDiscriminator, input_scaling, logits_of
+from pipelines.components.discriminator import EchoDiffDiscriminator
+from pipelines.components.guidance import discriminator_logits
 from pipelines.training.discriminator import build_discriminator
 
 TINY = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), head_channels=8)
@@ -24,35 +25,29 @@ def tiny_adm_unet():
 
 
 # ------------------------------------------------------------------ input scaling
-@pytest.mark.parametrize("sigma", [0.002, 0.5, 3.0, 80.0])
-def test_input_scaling_matches_karras_table1_by_hand(sigma):
-    s = torch.tensor([sigma], dtype=torch.float64)
-    c_in, c_noise = input_scaling(s, "edm", sigma_data=0.5)
-    assert c_in.item() == pytest.approx(1 / math.sqrt(sigma**2 + 0.25), rel=1e-12)
-    assert c_noise.item() == pytest.approx(math.log(sigma) / 4, rel=1e-12)
-    c_in, c_noise = input_scaling(s, "ve")
-    assert c_in.item() == 1.0 and c_noise.item() == pytest.approx(math.log(sigma / 2), rel=1e-12)
-    # VP: c_noise = 999 t with sigma(t) = sqrt(exp(19.9 t^2 / 2 + 0.1 t) - 1); invert by bisection.
-    lo, hi = 0.0, 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if math.sqrt(math.exp(19.9 * mid**2 / 2 + 0.1 * mid) - 1) < sigma else (lo, mid)
-    c_in, c_noise = input_scaling(s, "vp")
-    assert c_in.item() == pytest.approx(1 / math.sqrt(sigma**2 + 1), rel=1e-12)
-    assert c_noise.item() == pytest.approx(999 * lo, rel=1e-9)
-
-
 @pytest.mark.parametrize("kind", ["edm", "vp", "ve"])
-def test_input_scaling_agrees_with_scheduler_preconditioning(kind):
-    from pipelines.components.preconditioning import EDMPreconditioning
-
-    pre = EDMPreconditioning(kind=kind)
-    sigma = torch.tensor([0.03, 0.2, 1.0, 7.0, 60.0], dtype=torch.float64)
-    _, _, c_in, c_noise = pre.coefficients(sigma)
-    mine_in, mine_noise = input_scaling(sigma, kind)
-    torch.testing.assert_close(torch.as_tensor(c_in, dtype=torch.float64).reshape(-1), mine_in, rtol=1e-6, atol=0)
-    torch.testing.assert_close(torch.as_tensor(c_noise, dtype=torch.float64).reshape(-1), mine_noise,
-                               rtol=1e-6, atol=1e-9)
+def test_encoder_sees_the_preconditionings_scaled_input_and_noise_level(kind):
+    """The encoder gets c_in x and c_noise of Karras et al. 2022, Table 1 (by hand), like the UNet does."""
+    disc = tiny_disc(preconditioning=kind).eval()
+    seen = {}
+    disc.noise_embedding.register_forward_hook(lambda m, args, out: seen.update(c_noise=args[0].double()))
+    disc.conv_in.register_forward_hook(lambda m, args, out: seen.update(x_in=args[0].double()))
+    x = torch.randn(3, 1, 16, 16)
+    sigma = [0.03, 1.0, 60.0]
+    disc(x, torch.tensor(sigma))
+    for b, s in enumerate(sigma):
+        if kind == "edm":
+            c_in, c_noise = 1 / math.sqrt(s**2 + 0.25), math.log(s) / 4
+        elif kind == "ve":
+            c_in, c_noise = 1.0, math.log(s / 2)
+        else:  # c_noise = 999 t with sigma(t) = sqrt(exp(19.9 t^2 / 2 + 0.1 t) - 1), inverted by bisection
+            lo, hi = 0.0, 2.0
+            for _ in range(200):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if math.sqrt(math.exp(19.9 * mid**2 / 2 + 0.1 * mid) - 1) < s else (lo, mid)
+            c_in, c_noise = 1 / math.sqrt(s**2 + 1), 999 * lo
+        assert seen["c_noise"][b].item() == pytest.approx(c_noise, rel=1e-6, abs=1e-6)
+        torch.testing.assert_close(seen["x_in"][b], c_in * x[b].double(), rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------ model
@@ -82,12 +77,12 @@ def test_save_load_roundtrip_same_logits(tmp_path):
     assert again.config.pool == "mean"
 
 
-def test_logits_of_accepts_tensor_tuple_and_output():
+def test_discriminator_logits_accepts_tensor_tuple_and_output():
     t = torch.tensor([[0.5], [-1.0]])
     for out in (t, (t,), tiny_disc().eval()(torch.zeros(2, 1, 16, 16), 1.0)):
-        assert logits_of(out).shape == (2,)
+        assert discriminator_logits(out).shape == (2,)
     with pytest.raises(TypeError, match="logits"):
-        logits_of("nope")
+        discriminator_logits("nope")
 
 
 def test_bad_arguments_name_what_is_wrong():

@@ -7,10 +7,11 @@ from huggingface_hub import ModelCard, RepoUrl
 
 from pipelines.components.pipeline_echodiff import EchoDiffPipeline
 from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
-from pipelines.hub import push_pipeline, render_model_card
+from pipelines.hub import push_pipeline, render_model_card, write_model_card
 from pipelines.networks import build_network, tiny_config
 
 SAVED_FILES = {
+    "guidance.py",
     "model_index.json",
     "pipeline_echodiff.py",
     "scheduler/preconditioning.py",
@@ -18,6 +19,7 @@ SAVED_FILES = {
     "scheduler/scheduling_edm_heun.py",
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
+    "unet/layers.py",
     "unet/unet_song.py",
 }
 
@@ -66,13 +68,20 @@ def test_push_uploads_exactly_the_saved_folder_and_its_card(pipe):
     assert "SongUNet2DModel" in card.text and f"{sum(p.numel() for p in pipe.unet.parameters()):,}" in card.text
 
 
-def test_pipeline_push_to_hub_delegates_with_the_card(pipe):
-    api = FakeHfApi()
-    pipe.push_to_hub("someone/echodiff-tiny", metrics={"KID": 0.002}, api=api)
-    (_, files, _), = api.uploads
-    assert set(files) == SAVED_FILES | {"README.md"}
-    assert ModelCard(files["README.md"].decode()).data.eval_results[0].metric_value == 0.002
-    assert api.created[0][1]["private"] is True
+def test_card_sections_are_composed_after_the_template(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    training = "## Training configuration\n\n| setting | value |\n|---|---|\n| arch | ddpmpp |\n"
+    audit = "## Memorization audit\n\nNo copies found.\n"
+    write_model_card(tmp_path, "someone/echodiff-tiny", metrics={"KID": 0.002}, sections=[training, audit])
+    text = (tmp_path / "README.md").read_text()
+    assert text.index("## Limitations and risks") < text.index("## Training configuration") < text.index(
+        "## Memorization audit")
+    assert ModelCard(text).data.eval_results[0].metric_value == 0.002
+    # Re-rendering with other metrics keeps what the sections say, from the sections themselves.
+    write_model_card(tmp_path, "someone/echodiff-tiny", metrics={"KID": 0.001}, sections=[training])
+    text = (tmp_path / "README.md").read_text()
+    assert text.count("## Training configuration") == 1 and "Memorization audit" not in text
+    assert ModelCard(text).data.eval_results[0].metric_value == 0.001
 
 
 def test_push_from_a_saved_folder_writes_its_card(pipe, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers.utils import dynamic_modules_utils
 
-from pipelines.components.pipeline_echodiff import EchoDiffPipeline, foreign_imports
+from pipelines.components.pipeline_echodiff import EchoDiffPipeline, foreign_imports, relative_imports
 from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
 from pipelines.networks import build_network, tiny_config
 from pipelines.utils import to_uint8
@@ -62,18 +62,22 @@ def test_image_of_a_seed_does_not_depend_on_the_batch(pipe):
     assert not torch.allclose(batch[0], batch[1])
 
 
-def test_output_types_write_images_as_edm_does(pipe):
-    reference = to_uint8(latents(pipe, [1, 2]))  # (x * 127.5 + 128) clipped and truncated
+def test_output_types_follow_diffusers(pipe):
+    raw = latents(pipe, [1, 2])
+    expected = (raw / 2 + 0.5).clamp(0, 1)  # diffusers' [-1, 1] -> [0, 1]
     as_pt = pipe(seeds=[1, 2], num_inference_steps=STEPS, output_type="pt").images
     as_np = pipe(seeds=[1, 2], num_inference_steps=STEPS, output_type="np").images
     as_pil = pipe(seeds=[1, 2], num_inference_steps=STEPS).images
-    assert as_pt.dtype == torch.uint8 and torch.equal(as_pt, reference)
-    assert as_np.dtype == np.uint8 and as_np.shape == (2, 16, 16, 1)
-    np.testing.assert_array_equal(as_np, reference.permute(0, 2, 3, 1).numpy())
+    assert as_pt.dtype == torch.float32 and as_pt.shape == (2, 1, 16, 16)
+    torch.testing.assert_close(as_pt, expected, rtol=0, atol=1e-7)
+    assert as_np.dtype == np.float32 and as_np.shape == (2, 16, 16, 1)
+    np.testing.assert_allclose(as_np, expected.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-7)
     assert [image.mode for image in as_pil] == ["L", "L"] and as_pil[0].size == (16, 16)
-    np.testing.assert_array_equal(np.asarray(as_pil[1]), reference[1, 0].numpy())
-    (tuple_images,) = pipe(seeds=[1], num_inference_steps=STEPS, output_type="pt", return_dict=False)
-    assert torch.equal(tuple_images[0], reference[0])
+    np.testing.assert_array_equal(np.asarray(as_pil[1]), (as_np[1, ..., 0] * 255).round().astype(np.uint8))
+    (tuple_images,) = pipe(seeds=[1, 2], num_inference_steps=STEPS, output_type="pt", return_dict=False)
+    torch.testing.assert_close(tuple_images, expected, rtol=0, atol=1e-7)
+    # FID keeps EDM's own writer on the raw samples: (x * 127.5 + 128) clipped and truncated.
+    assert torch.equal(to_uint8(raw), (raw * 127.5 + 128).clamp(0, 255).floor().to(torch.uint8))
 
 
 def test_generator_and_batch_size_paths(pipe):
@@ -112,20 +116,47 @@ def test_per_call_sampler_overrides_leave_the_saved_config_alone(pipe):
     torch.testing.assert_close(latents(make_pipeline(), [7]), deterministic, rtol=0, atol=0)
 
 
-def test_every_denoised_estimate_passes_through_denoise(pipe):
+def test_callback_on_step_end_sees_every_evaluation_and_can_replace_the_sample(pipe):
     seen = []
 
-    class RecordingPipeline(EchoDiffPipeline):  # how a guidance term hooks in
-        def denoise(self, sample, sigma, class_labels=None, scheduler=None):
-            seen.append((scheduler.state_in_first_order, scheduler.current_step, scheduler.config.s_churn))
-            return super().denoise(sample, sigma, class_labels, scheduler=scheduler)
+    def record(pipeline, i, t, tensors):
+        seen.append((i, float(t), sorted(tensors)))
+        return {}
 
-    recording = RecordingPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
-    recording.set_progress_bar_config(disable=True)
-    torch.testing.assert_close(latents(recording, [2], s_churn=1.0), latents(pipe, [2], s_churn=1.0), rtol=0, atol=0)
-    assert [first for first, _, _ in seen] == [True, False] * (STEPS - 1) + [True]
-    assert [step for _, step, _ in seen] == [i // 2 for i in range(2 * STEPS - 1)]
-    assert {churn for _, _, churn in seen} == {1.0}  # the per-call scheduler, not the saved one
+    plain = latents(pipe, [2], s_churn=1.0)
+    out = latents(pipe, [2], s_churn=1.0, callback_on_step_end=record,
+                  callback_on_step_end_tensor_inputs=["latents", "denoised"])
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)  # a callback that returns nothing changes nothing
+    per_call = EDMHeunScheduler.from_config(pipe.scheduler.config, s_churn=1.0)  # the per-call sampler's grid
+    per_call.set_timesteps(STEPS)
+    assert [i for i, _, _ in seen] == list(range(2 * STEPS - 1)) and pipe.num_timesteps == 2 * STEPS - 1
+    assert [t for _, t, _ in seen] == per_call.timesteps.tolist()
+    assert all(names == ["denoised", "latents"] for _, _, names in seen)
+
+    def zero_at_the_end(pipeline, i, t, tensors):
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == pipeline.num_timesteps - 1 else {}
+
+    assert torch.equal(latents(pipe, [2], callback_on_step_end=zero_at_the_end), torch.zeros(1, 1, 16, 16))
+
+
+def test_latents_and_num_images_per_prompt(pipe):
+    deterministic = make_pipeline()  # no churn: the starting noise alone decides the image
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    from_latents = deterministic(latents=noise, num_inference_steps=STEPS, output_type="latent").images
+    from_seed = latents(deterministic, [5])
+    torch.testing.assert_close(from_latents[:1], from_seed, rtol=0, atol=1e-5)
+    assert from_latents.shape == (2, 1, 16, 16) and not torch.allclose(from_latents[0], from_latents[1])
+    many = pipe(batch_size=2, num_images_per_prompt=3, num_inference_steps=STEPS, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).images
+    assert many.shape == (6, 1, 16, 16)
+    conditional = EchoDiffPipeline(unet=tiny_network(label_dim=3), scheduler=EDMHeunScheduler())
+    conditional.set_progress_bar_config(disable=True)
+    labels = torch.eye(3)[[0, 2]]
+    per_prompt = conditional(seeds=[1, 2, 3, 4], class_labels=labels, num_images_per_prompt=2,
+                             num_inference_steps=STEPS, output_type="latent").images
+    repeated = conditional(seeds=[1, 2, 3, 4], class_labels=labels[[0, 0, 1, 1]], num_inference_steps=STEPS,
+                           output_type="latent").images
+    assert torch.equal(per_prompt, repeated) and not torch.allclose(per_prompt[1], per_prompt[2], atol=1e-3)
 
 
 def test_bad_calls_are_named(pipe):
@@ -137,8 +168,12 @@ def test_bad_calls_are_named(pipe):
         pipe(seeds=[1], output_type="jpeg")
     with pytest.raises(TypeError, match="s_chrun"):
         pipe(seeds=[1], s_chrun=3)
-    with pytest.raises(TypeError, match="preconditioning"):
-        EchoDiffPipeline(unet=pipe.unet, scheduler=object())
+    with pytest.raises(ValueError, match="num_images_per_prompt"):
+        pipe(seeds=[1], num_images_per_prompt=0)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        pipe(latents=torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(seeds=[1], callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"])
     conditional = EchoDiffPipeline(unet=tiny_network(label_dim=3), scheduler=EDMHeunScheduler())
     conditional.set_progress_bar_config(disable=True)
     with pytest.raises(ValueError, match="class_labels"):
@@ -149,7 +184,7 @@ def test_bad_calls_are_named(pipe):
 
 
 @pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp", "adm"])
-def test_save_and_load_with_own_classes_is_bitwise_equal(arch, tmp_path):
+def test_save_and_load_through_diffusers_loader_is_bitwise_equal(arch, tmp_path):
     pipeline = make_pipeline(arch, preconditioning="vp", **CHURN)
     expected = latents(pipeline, [0, 1])
     pipeline.save_pretrained(tmp_path)
@@ -158,16 +193,42 @@ def test_save_and_load_with_own_classes_is_bitwise_equal(arch, tmp_path):
     assert index["_class_name"] == ["pipeline_echodiff", "EchoDiffPipeline"]
     assert index["unet"] == [module, type(pipeline.unet).__name__]
     assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
-    for path in ("pipeline_echodiff.py", f"unet/{module}.py", "scheduler/scheduling_edm_heun.py",
-                 "unet/diffusion_pytorch_model.safetensors"):
-        assert (tmp_path / path).is_file(), path
-    assert (tmp_path / f"unet/{module}.py").read_text() == (REPO / f"pipelines/components/{module}.py").read_text()
+    carried = {"pipeline_echodiff.py", "guidance.py", f"unet/{module}.py", "unet/layers.py",
+               "scheduler/scheduling_edm_heun.py", "scheduler/preconditioning.py"}
+    assert carried == {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.py")}
+    for name in carried:  # the files are EchoDiff's own, as they are
+        assert (tmp_path / name).read_text() == (REPO / "pipelines/components" / Path(name).name).read_text()
 
-    loaded = EchoDiffPipeline.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code"):  # a folder's code never runs unasked
+        EchoDiffPipeline.from_pretrained(tmp_path)
+    loaded = EchoDiffPipeline.from_pretrained(tmp_path, trust_remote_code=True)
     loaded.set_progress_bar_config(disable=True)
-    assert type(loaded.unet) is type(pipeline.unet) and loaded.discriminator is None
+    assert type(loaded.unet).__name__ == type(pipeline.unet).__name__ and loaded.discriminator is None
     assert loaded.scheduler.preconditioning.kind == "vp"
     assert torch.equal(latents(loaded, [0, 1]), expected)
+
+
+def test_diffusers_loader_options_dtype_variant_device_map(pipe, tmp_path):
+    expected = latents(pipe, [0, 1])
+    pipe.save_pretrained(tmp_path / "fp32")
+    for options in ({"dtype": torch.bfloat16}, {"dtype": {"unet": torch.bfloat16, "default": torch.float32}}):
+        loaded = EchoDiffPipeline.from_pretrained(tmp_path / "fp32", trust_remote_code=True, **options)
+        loaded.set_progress_bar_config(disable=True)
+        assert loaded.unet.dtype == torch.bfloat16
+        out = latents(loaded, [0, 1])
+        assert out.dtype == torch.float32 and not torch.equal(out, expected)  # bf16 weights: close, not equal
+        torch.testing.assert_close(out, expected, rtol=0, atol=0.1)
+    loaded = EchoDiffPipeline.from_pretrained(tmp_path / "fp32", trust_remote_code=True, device_map="cpu")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.unet.device.type == "cpu" and torch.equal(latents(loaded, [0, 1]), expected)
+
+    half = EchoDiffPipeline(unet=tiny_network().to(torch.float16), scheduler=pipe.scheduler)
+    half.save_pretrained(tmp_path / "variant", variant="fp16")
+    assert (tmp_path / "variant" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    loaded = EchoDiffPipeline.from_pretrained(tmp_path / "variant", trust_remote_code=True, variant="fp16",
+                                              dtype=torch.float16)
+    for name, weight in half.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[name], weight), name
 
 
 REMOTE_SCRIPT = textwrap.dedent(
@@ -209,15 +270,31 @@ def test_remote_code_load_in_a_fresh_process_is_bitwise_equal(pipe, tmp_path):
     assert torch.equal(outputs["second"], expected)
     resaved_index = json.loads((resaved / "model_index.json").read_text())
     assert resaved_index["unet"] == ["unet_song", "SongUNet2DModel"]
-    assert (resaved / "scheduler" / "scheduling_edm_heun.py").is_file() and (resaved / "pipeline_echodiff.py").is_file()
+    assert {p.relative_to(resaved).as_posix() for p in resaved.rglob("*.py")} == \
+        {p.relative_to(folder).as_posix() for p in folder.rglob("*.py")}
 
 
-def test_carried_files_import_only_allowed_modules(tmp_path):
-    for name in ("scheduling_edm_heun.py", "pipeline_echodiff.py", "unet_song.py", "unet_adm.py"):
-        assert foreign_imports(REPO / "pipelines" / "components" / name) == [], name
+def test_components_folder_rule(tmp_path):
+    """Nothing under components/ imports pipelines.*; siblings are imported relatively and directly (diffusers'
+    remote-code loader copies one level of relative imports), and other imports are torch / diffusers / stdlib."""
+    folder = REPO / "pipelines" / "components"
+    files = sorted(p for p in folder.glob("*.py") if p.name != "__init__.py")
+    assert {p.stem for p in files} >= {"pipeline_echodiff", "guidance", "preconditioning", "layers", "unet_song",
+                                       "unet_adm", "discriminator", "scheduling_edm_heun", "scheduling_edm_ablation"}
+    for path in files:
+        assert foreign_imports(path) == [], path.name
+        direct = set(relative_imports(path))
+        assert all(sibling.is_file() for sibling in direct), path.name
+        closure, todo = set(), list(direct)
+        while todo:
+            sibling = todo.pop()
+            if sibling not in closure:
+                closure.add(sibling)
+                todo += relative_imports(sibling)
+        assert closure == direct, f"{path.name} must import {sorted(p.name for p in closure - direct)} directly"
     bad = tmp_path / "bad_component.py"
     bad.write_text("import math\nimport torch\nfrom pipelines.utils import to_uint8\nfrom .helpers import x\n")
-    assert foreign_imports(bad) == ["pipelines.utils"]
+    assert foreign_imports(bad) == ["pipelines.utils"] and relative_imports(bad) == [tmp_path / "helpers.py"]
 
 
 @pytest.mark.parametrize("doc, min_blocks", [("docs/python_api.md", 3), ("README.md", 1)])

@@ -178,70 +178,12 @@ def test_churn_noise_comes_from_the_generators():
     torch.testing.assert_close(per_sample([11])[0], batch[1], rtol=0, atol=1e-12)
 
 
-def test_vp_ve_iddpm_discretisations():
-    n = 6
-    i = torch.arange(n, dtype=torch.float64)
-    vp = EDMHeunScheduler(preconditioning="vp", discretization="vp")
-    vp.set_timesteps(n)
-    # Table 1: t_i = 1 + i/(N-1) (eps_s - 1), sigma(t) = sqrt(exp(19.9 t^2 / 2 + 0.1 t) - 1).
-    t = 1 + i / (n - 1) * (1e-3 - 1)
-    expected = torch.sqrt(torch.exp(19.9 / 2 * t**2 + 0.1 * t) - 1)
-    torch.testing.assert_close(vp.sigmas[:-1], expected, rtol=1e-9, atol=0)
-
-    ve = EDMHeunScheduler(preconditioning="ve", discretization="ve")
-    ve.set_timesteps(n)
-    # sigma_i^2 = sigma_max^2 (sigma_min^2 / sigma_max^2)^(i/(N-1)): geometric from 100 to 0.02.
-    torch.testing.assert_close(ve.sigmas[:-1], 100 * (0.02 / 100) ** (i / (n - 1)), rtol=1e-12, atol=0)
-
-    # iDDPM: N of the M+1 levels u_j, evenly picked (Table 1), u_{j-1} from u_j by the recursion.
-    levels, alpha_bar = [0.0], lambda j: math.sin(0.5 * math.pi * j / (1000 * 1.008)) ** 2
-    for j in range(1000, 0, -1):
-        levels.append(math.sqrt((levels[-1] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), 0.001) - 1))
-    levels = [u for u in reversed(levels) if 0.002 <= u <= 81]
-    iddpm = EDMHeunScheduler(discretization="iddpm")
-    iddpm.set_timesteps(n)
-    picked = [levels[math.floor((len(levels) - 1) / (n - 1) * k + 0.5)] for k in range(n)]
-    assert iddpm.sigmas[:-1].tolist() == pytest.approx(picked, rel=1e-12)
-
-
 def test_grid_is_clipped_to_the_preconditioning_range():
     ve_model = EDMHeunScheduler(preconditioning="ve")  # EDM grid on a VE model: 80 -> 0.02 (facts.md)
     ve_model.set_timesteps(18)
     assert ve_model.sigmas[0] == 80.0 and ve_model.sigmas[-2] == pytest.approx(0.02)
     vp_model = EDMHeunScheduler(preconditioning="vp", sigma_max=500.0, sigma_min=1e-5)
     assert vp_model.sigma_max == pytest.approx(152.17, abs=0.01) and vp_model.sigma_min == pytest.approx(1e-3, rel=1e-3)
-
-
-@pytest.mark.parametrize(
-    "config, steps, tolerance",
-    [  # EDM Table 1's original samplers, deterministic, against the true covariance
-        (dict(preconditioning="vp", discretization="vp", schedule="vp", scaling="vp"), 30, 0.01),
-        (dict(preconditioning="vp", discretization="vp", schedule="vp", scaling="vp", solver="euler"), 64, 0.01),
-        (dict(preconditioning="ve", discretization="ve", schedule="ve"), 256, 0.01),
-        (dict(discretization="iddpm"), 64, 0.01),
-    ],
-)
-def test_original_schedules_and_scalings_converge(config, steps, tolerance):
-    # Deterministic sampling is affine in the noise: push 0 and the unit vectors through to get the exact output law.
-    scheduler = EDMHeunScheduler(**config)
-    latents = torch.cat([torch.zeros(1, DIM, dtype=torch.float64), EYE])
-    out = scheduler.sample(gaussian_denoiser, latents=latents, num_inference_steps=steps)
-    linear_map = (out[1:] - out[0]).T
-    assert relative_cov_error(linear_map @ linear_map.T) < tolerance
-    assert float((out[0] - MU).abs().max()) < 0.01
-
-
-def test_vp_scaling_feeds_the_denoiser_unscaled_samples():
-    scheduler = EDMHeunScheduler(preconditioning="vp", discretization="vp", schedule="vp", scaling="vp")
-    scheduler.set_timesteps(5)
-    sample = torch.ones(2, DIM, dtype=torch.float64)
-    sigma = float(scheduler.timesteps[0])
-    # s(t) = 1 / sqrt(1 + sigma(t)^2): the denoiser sees x / s(t).
-    torch.testing.assert_close(scheduler.scale_model_input(sample, sigma), sample * math.sqrt(1 + sigma**2))
-    assert scheduler.init_noise_sigma == pytest.approx(sigma / math.sqrt(1 + sigma**2))
-    plain = EDMHeunScheduler()
-    plain.set_timesteps(5)
-    assert plain.scale_model_input(sample, 80.0) is sample
 
 
 def test_heun_state_and_order():
@@ -260,18 +202,16 @@ def test_heun_state_and_order():
 
 
 def test_config_round_trip_and_overrides(tmp_path):
-    scheduler = EDMHeunScheduler(preconditioning="ve", s_churn=3.0, discretization="ve")
+    scheduler = EDMHeunScheduler(preconditioning="ve", s_churn=3.0)
     scheduler.save_pretrained(tmp_path)
     loaded = EDMHeunScheduler.from_pretrained(tmp_path)
-    assert loaded.config.s_max == math.inf and loaded.config.sigma_min is None
+    assert loaded.config.s_max == math.inf and loaded.config.sigma_min == 0.002 and loaded.sigma_min == 0.02
     assert loaded.preconditioning.kind == "ve" and loaded.config.s_churn == 3.0
     overridden = EDMHeunScheduler.from_config(loaded.config, s_churn=0.0, solver="euler")
     assert overridden.config.s_churn == 0.0 and overridden.order == 1 and loaded.config.s_churn == 3.0
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="discretization"):
-        EDMHeunScheduler(discretization="cosine")
     with pytest.raises(ValueError, match="solver"):
         EDMHeunScheduler(solver="rk4")
     with pytest.raises(ValueError, match="sigma range"):
@@ -280,5 +220,52 @@ def test_bad_arguments_are_named():
         EDMHeunScheduler().set_timesteps(1)
     with pytest.raises(RuntimeError, match="set_timesteps"):
         EDMHeunScheduler().step(torch.zeros(1), 80.0, torch.zeros(1))
-    with pytest.raises(RuntimeError, match="set_timesteps"):
-        EDMHeunScheduler().init_noise_sigma  # noqa: B018 - the property access is the test
+    with pytest.raises(ValueError, match="s_churn"):
+        EDMHeunScheduler(s_churn=-1.0)
+
+
+def test_a_fresh_scheduler_is_usable_as_diffusers_expects():
+    scheduler = EDMHeunScheduler()
+    assert scheduler.init_noise_sigma == 80.0 and scheduler.timesteps is None and scheduler.current_step is None
+    churned = EDMHeunScheduler(s_churn=40.0)
+    assert churned.init_noise_sigma == 80.0
+    churned.set_timesteps(10)  # step 0's lift to t_hat_0 = t_0 (1 + gamma) is folded into the initial noise
+    gamma = min(40.0 / 10, math.sqrt(2) - 1)
+    assert churned.init_noise_sigma == pytest.approx(80.0 * math.sqrt(1 + (1 + gamma) ** 2 - 1), rel=1e-12)
+
+
+def test_per_sample_churn_lifts_only_the_chosen_samples_and_steps_each_from_its_own_level():
+    """add_sample_churn: sample 1 is lifted at step 2 to t_2 (1 + gamma); its trajectory then follows Algorithm 2
+    with that t_hat (written out here), while sample 0 follows the plain sampler."""
+    steps, gamma, lift_at = 6, 0.3, 2
+    grid = edm_grid(steps)
+    scheduler = EDMHeunScheduler()
+    scheduler.set_timesteps(steps)
+    generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    x = torch.randn(2, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * grid[0]
+    expected = x.clone()
+    noise = torch.randn(DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(6))  # sample 1's stream
+    for i in range(steps):  # the reference: Algorithm 2 per sample, S_churn 0 except the one lift
+        t, t_next = grid[i], grid[i + 1]
+        for b in range(2):
+            t_hat = t * (1 + gamma) if (b == 1 and i == lift_at) else t
+            x_hat = expected[b] + (math.sqrt(t_hat**2 - t**2) * noise if t_hat != t else 0)
+            d = (x_hat - gaussian_denoiser(x_hat[None], t_hat)[0]) / t_hat
+            x_next = x_hat + (t_next - t_hat) * d
+            if i < steps - 1:
+                d_prime = (x_next - gaussian_denoiser(x_next[None], t_next)[0]) / t_next
+                x_next = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_prime)
+            expected[b] = x_next
+    for t in scheduler.timesteps:
+        if scheduler.state_in_first_order and scheduler.current_step == lift_at:
+            x = scheduler.add_sample_churn(x, torch.tensor([0.0, gamma], dtype=torch.float64), generators)
+            assert scheduler.per_sample_sigma.tolist() == pytest.approx([grid[lift_at], grid[lift_at] * (1 + gamma)])
+        sigma = t if scheduler.per_sample_sigma is None else scheduler.per_sample_sigma
+        denoised = torch.stack([gaussian_denoiser(x[b:b + 1], float(s))[0] for b, s in
+                                enumerate(torch.as_tensor(sigma).expand(2))])
+        x = scheduler.step(denoised, t, x, generator=generators).prev_sample
+    torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="first"):
+        scheduler.set_timesteps(3)
+        scheduler.step(torch.zeros_like(x), scheduler.timesteps[0], x)
+        scheduler.add_sample_churn(x, torch.zeros(2))

@@ -1,8 +1,7 @@
 """Noise-conditioned real/fake discriminator for Discriminator Guidance (Kim et al. 2023).
 
-Standalone on purpose: a saved pipeline copies this file next to the discriminator's weights for
-``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)``, so it imports only torch,
-diffusers and the standard library.
+Carried by saved pipelines next to the discriminator's weights (with its siblings ``layers.py`` and
+``preconditioning.py``): imports only torch, diffusers and the standard library.
 
 ``EchoDiffDiscriminator(x, sigma)`` takes the *noised* image ``x = y + sigma * n`` as the sampler sees
 it and the noise level sigma, scales them the way the EDM-family preconditioning scales network inputs
@@ -31,8 +30,10 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from .layers import PositionalEmbedding, group_norm
+from .preconditioning import EDMPreconditioning
+
 FEATURE_SOURCES = ("pixels", "unet")
-PRECONDITIONINGS = ("edm", "vp", "ve")
 POOLINGS = ("attention", "mean")
 
 
@@ -43,50 +44,16 @@ class DiscriminatorOutput(BaseOutput):
     logits: torch.Tensor
 
 
-def input_scaling(sigma: torch.Tensor, preconditioning: str = "edm", sigma_data: float = 0.5,
-                  vp_beta_d: float = 19.9, vp_beta_min: float = 0.1, vp_M: int = 1000):
-    """(c_in, c_noise) of Karras et al. 2022, Table 1, for a float64 sigma tensor.
-
-    Duplicated from the scheduler's EDMPreconditioning because this file must stay standalone; the
-    tests check that both agree.
-    """
-    if preconditioning == "edm":
-        return 1.0 / torch.sqrt(sigma**2 + sigma_data**2), torch.log(sigma) / 4
-    if preconditioning == "vp":
-        t = (torch.sqrt(vp_beta_min**2 + 2 * vp_beta_d * torch.log1p(sigma**2)) - vp_beta_min) / vp_beta_d
-        return 1.0 / torch.sqrt(sigma**2 + 1), (vp_M - 1) * t
-    if preconditioning == "ve":
-        return torch.ones_like(sigma), torch.log(0.5 * sigma)
-    raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}, got {preconditioning!r}")
-
-
-def _groups(channels: int) -> int:
-    # Same rule as the EDM networks: min(32, channels // 4) groups, at least 1.
-    return max(1, min(32, channels // 4))
-
-
-class _PositionalEmbedding(nn.Module):
-    def __init__(self, channels: int, max_positions: int = 10000):
-        super().__init__()
-        half = channels // 2
-        freqs = (1.0 / max_positions) ** (torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)
-
-    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        args = c_noise.float()[:, None] * self.freqs[None, :]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-
-
 class _ResBlock(nn.Module):
     """ADM residual block: scale-shift noise conditioning, optional 2x average-pool downsampling."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, down: bool = False):
         super().__init__()
         self.down = down
-        self.norm0 = nn.GroupNorm(_groups(in_channels), in_channels, eps=1e-5)
+        self.norm0 = group_norm(in_channels, eps=1e-5)
         self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.affine = nn.Linear(emb_dim, 2 * out_channels)
-        self.norm1 = nn.GroupNorm(_groups(out_channels), out_channels, eps=1e-5)
+        self.norm1 = group_norm(out_channels, eps=1e-5)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv1.weight)
@@ -109,7 +76,7 @@ class _SelfAttention(nn.Module):
     def __init__(self, channels: int, head_channels: int):
         super().__init__()
         self.num_heads = max(1, channels // head_channels)
-        self.norm = nn.GroupNorm(_groups(channels), channels, eps=1e-5)
+        self.norm = group_norm(channels, eps=1e-5)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj.weight)
@@ -254,8 +221,8 @@ class EchoDiffDiscriminator(ModelMixin, ConfigMixin):
         super().__init__()
         if feature_source not in FEATURE_SOURCES:
             raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, got {feature_source!r}")
-        if preconditioning not in PRECONDITIONINGS:
-            raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}, got {preconditioning!r}")
+        self.preconditioning = EDMPreconditioning(kind=preconditioning, sigma_data=sigma_data, vp_beta_d=vp_beta_d,
+                                                  vp_beta_min=vp_beta_min, vp_M=vp_M)
         if pool not in POOLINGS:
             raise ValueError(f"pool must be one of {POOLINGS}, got {pool!r}")
         if feature_source == "unet":
@@ -273,7 +240,7 @@ class EchoDiffDiscriminator(ModelMixin, ConfigMixin):
         emb_dim = 4 * model_channels
         self._unet_ref: tuple = ()  # the bound UNet, kept out of this module's parameters on purpose
 
-        self.noise_embedding = _PositionalEmbedding(model_channels)
+        self.noise_embedding = PositionalEmbedding(model_channels, endpoint=False)
         self.embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(encoder_in, model_channels * channel_mult[0], 3, padding=1)
         blocks = []
@@ -288,7 +255,7 @@ class EchoDiffDiscriminator(ModelMixin, ConfigMixin):
                 if res in attention_resolutions:
                     blocks.append(_SelfAttention(channels, head_channels))
         self.blocks = nn.ModuleList(blocks)
-        self.out_norm = nn.GroupNorm(_groups(channels), channels, eps=1e-5)
+        self.out_norm = group_norm(channels, eps=1e-5)
         final_res = resolution >> (len(channel_mult) - 1)
         self.attention_pool = _AttentionPool(channels, final_res, head_channels) if pool == "attention" else None
         self.head = nn.Linear(channels, 1)
@@ -339,8 +306,7 @@ class EchoDiffDiscriminator(ModelMixin, ConfigMixin):
         if sigma.numel() != sample.shape[0]:
             raise ValueError(f"sigma must be a scalar or have one value per sample ({sample.shape[0]}), "
                              f"got {sigma.numel()}")
-        c_in, c_noise = input_scaling(sigma, cfg.preconditioning, cfg.sigma_data, cfg.vp_beta_d,
-                                      cfg.vp_beta_min, cfg.vp_M)
+        _, _, c_in, c_noise = self.preconditioning.coefficients(sigma)
         x = sample.float() * c_in.float()[:, None, None, None]
         c_noise = c_noise.float()
         if cfg.feature_source == "unet":
@@ -370,18 +336,5 @@ def _config_value(config, *names):
     raise ValueError(f"the UNet's config has none of {names}; pass sample_size= and in_channels= explicitly")
 
 
-def logits_of(output) -> torch.Tensor:
-    """The (B,) logits from a discriminator's output (tensor, tuple, or object with ``.logits``)."""
-    if isinstance(output, torch.Tensor):
-        logits = output
-    elif hasattr(output, "logits"):
-        logits = output.logits
-    elif isinstance(output, (tuple, list)):
-        logits = output[0]
-    else:
-        raise TypeError(f"discriminator output must be a tensor or carry .logits, got {type(output).__name__}")
-    return logits.reshape(logits.shape[0], -1)[:, 0] if logits.ndim > 1 else logits
-
-
-__all__ = ["EchoDiffDiscriminator", "DiscriminatorOutput", "input_scaling", "capture_unet_features",
-           "default_unet_feature_module", "unet_fingerprint", "fingerprints_match", "logits_of"]
+__all__ = ["EchoDiffDiscriminator", "DiscriminatorOutput", "capture_unet_features", "default_unet_feature_module",
+           "unet_fingerprint", "fingerprints_match"]

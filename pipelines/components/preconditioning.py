@@ -50,7 +50,8 @@ def check_positive(**values: float) -> None:
             raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
-def _network_dtype(network) -> torch.dtype:
+def network_dtype(network) -> torch.dtype:
+    """The dtype a network computes in (diffusers' ``.dtype``, else its first parameter's, else float32)."""
     dtype = getattr(network, "dtype", None)
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -61,7 +62,7 @@ def _network_dtype(network) -> torch.dtype:
     return torch.float32
 
 
-def _output_tensor(output) -> torch.Tensor:
+def output_tensor(output) -> torch.Tensor:
     """A network's output as a tensor: diffusers outputs carry ``.sample``, tuples their first item."""
     if isinstance(output, torch.Tensor):
         return output
@@ -108,6 +109,18 @@ class EDMPreconditioning:
         self.ve_sigma_min = float(ve_sigma_min)
         self.ve_sigma_max = float(ve_sigma_max)
 
+    # The scheduler / discriminator config fields that define a preconditioning, by constructor argument.
+    CONFIG_FIELDS = {"kind": "preconditioning", "sigma_data": "sigma_data", "vp_beta_d": "vp_beta_d",
+                     "vp_beta_min": "vp_beta_min", "vp_M": "vp_M", "vp_epsilon_t": "vp_epsilon_t",
+                     "ve_sigma_min": "ve_sigma_min", "ve_sigma_max": "ve_sigma_max"}
+
+    @classmethod
+    def from_config(cls, config) -> "EDMPreconditioning":
+        """The preconditioning a component's config describes (fields it lacks take their defaults)."""
+        get = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+        values = {arg: get(field) for arg, field in cls.CONFIG_FIELDS.items()}
+        return cls(**{arg: value for arg, value in values.items() if value is not None})
+
     def __repr__(self) -> str:
         return f"EDMPreconditioning(kind={self.kind!r}, sigma_min={self.sigma_min:.6g}, sigma_max={self.sigma_max:.6g})"
 
@@ -124,6 +137,15 @@ class EDMPreconditioning:
         if self.kind == "vp":
             return float(self.vp_sigma(1.0))
         return self.ve_sigma_max if self.kind == "ve" else math.inf
+
+    def clip_sigma_range(self, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+        """A sampler's [sigma_min, sigma_max] clipped to what this parameterisation supports (VE: from 0.02)."""
+        check_positive(sigma_min=sigma_min, sigma_max=sigma_max)
+        low, high = max(float(sigma_min), self.sigma_min), min(float(sigma_max), self.sigma_max)
+        if not high > low:
+            raise ValueError(f"sigma range [{sigma_min}, {sigma_max}] is empty after clipping to the {self.kind!r} "
+                             f"preconditioning's supported range [{self.sigma_min}, {self.sigma_max}]")
+        return low, high
 
     def vp_sigma(self, t) -> torch.Tensor:
         return vp_sigma(t, self.vp_beta_d, self.vp_beta_min)
@@ -174,5 +196,5 @@ class EDMPreconditioning:
         view = (batch,) + (1,) * (x.ndim - 1)
         c_skip, c_out, c_in = (c.to(torch.float32).reshape(view) for c in (c_skip, c_out, c_in))
         kwargs = {} if class_labels is None else {"class_labels": class_labels}
-        output = network((c_in * x).to(_network_dtype(network)), c_noise.to(torch.float32), **kwargs)
-        return c_skip * x + c_out * _output_tensor(output).to(torch.float32)
+        output = network((c_in * x).to(network_dtype(network)), c_noise.to(torch.float32), **kwargs)
+        return c_skip * x + c_out * output_tensor(output).to(torch.float32)
