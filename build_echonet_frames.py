@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
 """Build the EchoNet-Dynamic frame dataset (Hugging Face `datasets`, save_to_disk), optionally push it.
 
-    python build_echonet_frames.py --echonet_dir /data/EchoNet-Dynamic --out data/echonet-frames-64 \
+    python build_echonet_frames.py --echonet_dir /data/EchoNet-Dynamic --output_dir data/echonet-frames-64 \
         --resolution 64 --frame_stride 5 --num_workers 2
 
 With the full dataset and the defaults the build prints a total of 358,259 frames (also in
-OUT/build_summary.json). An interrupted build resumes when rerun with the same options.
+OUTPUT_DIR/build_summary.json). An interrupted build resumes when rerun with the same options.
 Pushing (private) needs --push_to_hub USER/NAME --agree_to_research_use_agreement: EchoNet-Dynamic's
 research-use agreement forbids redistribution.
 """
 
 import argparse
 
-from pipelines.data.echonet_frames import (
+from pipelines.data.frame_builder import (
     DEFAULT_RESIZE_FILTER,
     RESIZE_FILTERS,
     build_frame_dataset,
@@ -23,7 +23,7 @@ from pipelines.data.echonet_frames import (
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--echonet_dir", required=True, help="folder with Videos/, FileList.csv, VolumeTracings.csv")
-    parser.add_argument("--out", required=True, help="output folder (save_to_disk layout)")
+    parser.add_argument("--output_dir", required=True, help="output folder (save_to_disk layout)")
     parser.add_argument("--resolution", type=int, default=64, help="64 (paper), 112 = native")
     parser.add_argument("--frame_stride", type=int, default=5, help="keep frames whose index mod stride == 0")
     parser.add_argument("--resize_filter", default=DEFAULT_RESIZE_FILTER, choices=sorted(RESIZE_FILTERS))
@@ -41,13 +41,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.agree_to_research_use_agreement:
         parser.error("--push_to_hub needs --agree_to_research_use_agreement (EchoNet-Dynamic forbids redistribution)")
-    dataset = build_frame_dataset(args.echonet_dir, args.out, resolution=args.resolution,
+    dataset = build_frame_dataset(args.echonet_dir, args.output_dir, resolution=args.resolution,
                                   frame_stride=args.frame_stride, resize_filter=args.resize_filter,
                                   splits=args.splits, num_workers=args.num_workers, max_videos=args.max_videos,
                                   overwrite=args.overwrite, max_bad_fraction=args.max_bad_fraction)
-    print(f"saved to {args.out}: {dataset}")
+    print(f"saved to {args.output_dir}: {dataset}")
     if args.push_to_hub:
-        push_frame_dataset(args.out, args.push_to_hub, agree_to_research_use_agreement=True, private=not args.public)
+        push_frame_dataset(args.output_dir, args.push_to_hub, agree_to_research_use_agreement=True, private=not args.public)
         print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub} (private={not args.public})")
     return dataset
 

@@ -1,7 +1,7 @@
 """EchoDiff Quick start: the whole job on a built-in synthetic EchoNet-layout dataset (~10 min on 2 CPU cores).
 
     python demo.py                      # results in results/demo/ (re-running reuses finished stages)
-    python demo.py --tiny --out results/demo-tiny   # a seconds-long smoke run
+    python demo.py --tiny --output_dir results/demo-tiny   # a seconds-long smoke run
 
 Generates a synthetic EchoNet-Dynamic-layout folder, builds 64x64 frames, trains a small DDPM++ under
 EDM, samples it and its untrained initialisation, scores both with FID and KID against the real
@@ -17,19 +17,20 @@ from pipelines.demo import DemoConfig, run_demo, tiny_demo_config
 
 def main(argv=None):
     d = DemoConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=d.out_dir, help="results folder")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output_dir", default=d.out_dir, help="results folder")
     p.add_argument("--tiny", action="store_true", help="16 px, a tiny network, a few images (a smoke test)")
-    p.add_argument("--duration-kimg", type=float, default=None, help=f"training length (default {d.duration_kimg})")
-    p.add_argument("--num-generated", type=int, default=None, help=f"images scored per model (default {d.num_generated})")
+    p.add_argument("--duration_kimg", type=float, default=None, help=f"training length (default {d.duration_kimg})")
+    p.add_argument("--num_generated", type=int, default=None,
+                   help=f"images scored per model (default {d.num_generated})")
     p.add_argument("--steps", type=int, default=None, help=f"Heun sampler steps (default {d.sampler_steps})")
-    p.add_argument("--num-videos", type=int, default=None, help=f"synthetic videos (default {d.num_videos})")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--num_videos", type=int, default=None, help=f"synthetic videos (default {d.num_videos})")
+    p.add_argument("--no_progress_bar", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     changes = {k: v for k, v in {"duration_kimg": args.duration_kimg, "num_generated": args.num_generated,
                                  "sampler_steps": args.steps, "num_videos": args.num_videos}.items() if v is not None}
-    changes["progress"] = not args.no_progress
-    cfg = tiny_demo_config(args.out, **changes) if args.tiny else DemoConfig(out_dir=args.out, **changes)
+    changes["progress"] = not args.no_progress_bar
+    cfg = tiny_demo_config(args.output_dir, **changes) if args.tiny else DemoConfig(out_dir=args.output_dir, **changes)
     return run_demo(cfg)
 
 

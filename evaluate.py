@@ -1,6 +1,6 @@
 """Evaluate EchoDiff models the way the paper does (FID as NVlabs EDM computes it).
 
-Subcommands (each writes a JSON of results into --out):
+Subcommands (each writes a JSON of results into --output_dir):
   fid          FID (+ KID) of a pipeline (folder / Hub id) or an image set (.npz, shard or PNG folder)
                against the cached statistics of a fixed, seeded subsample of the real frames
   optimal-fid  FID between two seeded halves of the real frames (patient-level and frame-level)
@@ -26,28 +26,29 @@ from pathlib import Path
 def _add_reference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="frame dataset folder (build_frame_dataset) or Hub id")
     parser.add_argument("--split", default="train", help="split, 'all' or a comma list (default: train)")
-    parser.add_argument("--num-real", type=int, default=50_000,
+    parser.add_argument("--num_real", type=int, default=50_000,
                         help="size of the fixed real subsample (default 50000; capped at the dataset size)")
-    parser.add_argument("--subsample-seed", type=int, default=0, help="seed of the real subsample (default 0)")
-    parser.add_argument("--ref-stats", default=None,
-                        help="reference statistics .npz (default: derived from the fingerprint in --cache-dir)")
+    parser.add_argument("--subsample_seed", type=int, default=0, help="seed of the real subsample (default 0)")
+    parser.add_argument("--ref_stats", default=None,
+                        help="reference statistics .npz (default: derived from the fingerprint in --cache_dir)")
 
 
 def _add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="results/eval", help="folder for the results JSON (default results/eval)")
-    parser.add_argument("--cache-dir", default=None, help="feature / statistics cache (default $ECHODIFF_CACHE "
+    parser.add_argument("--output_dir", default="results/eval",
+                        help="folder for the results JSON (default results/eval)")
+    parser.add_argument("--cache_dir", default=None, help="feature / statistics cache (default $ECHODIFF_CACHE "
                                                           "or ~/.cache/echodiff)")
-    parser.add_argument("--batch-size", type=int, default=32, help="Inception batch size")
+    parser.add_argument("--batch_size", type=int, default=32, help="Inception batch size")
     parser.add_argument("--device", default=None, help="device for Inception (default cuda if available)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no_progress_bar", action="store_true", help="hide progress bars")
 
 
 def _add_generation_args(parser: argparse.ArgumentParser, seeds_default: str = "0-49999") -> None:
     parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
     parser.add_argument("--seeds", default=seeds_default, help=f"seeds, EDM style (default {seeds_default})")
-    parser.add_argument("--gen-batch-size", type=int, default=32, help="images per pipeline call (per process)")
-    parser.add_argument("--samples-dir", default=None, help="shard folder (default <out>/samples-steps<N>)")
-    parser.add_argument("--sampler-kwargs", default="{}",
+    parser.add_argument("--gen_batch_size", type=int, default=32, help="images per pipeline call (per process)")
+    parser.add_argument("--samples_dir", default=None, help="shard folder (default <output_dir>/samples-steps<N>)")
+    parser.add_argument("--sampler_kwargs", default="{}",
                         help='extra pipeline arguments as JSON, e.g. \'{"s_churn": 40}\'')
 
 
@@ -61,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--seeds", default=None, help="seeds to generate/use, EDM style (default: 0-49999 with "
                                                     "--model, every image with --images)")
     fid.add_argument("--steps", type=int, default=30, help="sampler steps N (NFE = 2N - 1; default 30)")
-    fid.add_argument("--gen-batch-size", type=int, default=32, help="images per pipeline call (per process)")
-    fid.add_argument("--samples-dir", default=None, help="shard folder (default <out>/samples-steps<N>)")
-    fid.add_argument("--sampler-kwargs", default="{}", help="extra pipeline arguments as JSON")
-    fid.add_argument("--no-kid", action="store_true", help="skip KID (needs the real subsample's features)")
+    fid.add_argument("--gen_batch_size", type=int, default=32, help="images per pipeline call (per process)")
+    fid.add_argument("--samples_dir", default=None, help="shard folder (default <output_dir>/samples-steps<N>)")
+    fid.add_argument("--sampler_kwargs", default="{}", help="extra pipeline arguments as JSON")
+    fid.add_argument("--no_kid", action="store_true", help="skip KID (needs the real subsample's features)")
     _add_reference_args(fid)
     _add_common_args(fid)
 
@@ -72,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--dataset", required=True, help="frame dataset folder or Hub id")
     opt.add_argument("--split", default="all", help="split, 'all' or a comma list (default: all)")
     opt.add_argument("--seed", type=int, default=0, help="seed of the halves (default 0)")
-    opt.add_argument("--max-per-half", type=int, default=None, help="cap each half (default: all frames)")
+    opt.add_argument("--max_per_half", type=int, default=None, help="cap each half (default: all frames)")
     _add_common_args(opt)
 
     nfe = sub.add_parser("fid-vs-nfe", help="FID over sampler step counts (Figure 1)")
     nfe.add_argument("--steps", default="5,10,18,30,50", help="comma list of step counts N")
-    nfe.add_argument("--no-kid", action="store_true", help="skip KID")
+    nfe.add_argument("--no_kid", action="store_true", help="skip KID")
     _add_generation_args(nfe)
     _add_reference_args(nfe)
     _add_common_args(nfe)
@@ -85,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     var = sub.add_parser("variance", help="the paper's variance experiments (mean +- std)")
     var.add_argument("--steps", type=int, default=18, help="sampler steps N (paper: 18)")
     var.add_argument("--repeats", type=int, default=10, help="repeats per experiment (paper: 10)")
-    var.add_argument("--num-gen", type=int, default=50_000, help="generated images per repeat (paper: 50000)")
+    var.add_argument("--num_gen", type=int, default=50_000, help="generated images per repeat (paper: 50000)")
     var.add_argument("--model", required=True, help="pipeline folder or Hub id")
-    var.add_argument("--gen-batch-size", type=int, default=32, help="images per pipeline call (per process)")
-    var.add_argument("--sampler-kwargs", default="{}", help="extra pipeline arguments as JSON")
+    var.add_argument("--gen_batch_size", type=int, default=32, help="images per pipeline call (per process)")
+    var.add_argument("--sampler_kwargs", default="{}", help="extra pipeline arguments as JSON")
     _add_reference_args(var)
     _add_common_args(var)
 
@@ -102,9 +103,9 @@ def _sampler_kwargs(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"--sampler-kwargs must be a JSON object, got {text!r} ({exc})") from exc
+        raise SystemExit(f"--sampler_kwargs must be a JSON object, got {text!r} ({exc})") from exc
     if not isinstance(value, dict):
-        raise SystemExit(f"--sampler-kwargs must be a JSON object, got {text!r}")
+        raise SystemExit(f"--sampler_kwargs must be a JSON object, got {text!r}")
     return value
 
 
@@ -115,23 +116,24 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         return sweep_lib.main(args=args)
 
+    from pipelines.data.echonet_frames import load_frames
     from pipelines.evaluation import protocol as ev
     from pipelines.evaluation.fid import InceptionDetector
 
-    out = Path(args.out)
+    out = Path(args.output_dir)
     cache_dir = Path(args.cache_dir) if args.cache_dir else ev.DEFAULT_CACHE_DIR
-    progress = not args.no_progress
+    progress = not args.no_progress_bar
     device = args.device or ev.default_device()
 
     if args.command == "optimal-fid":
-        frames = ev.load_frames(args.dataset, args.split)
+        frames = load_frames(args.dataset, args.split)
         result = ev.optimal_fid(frames, seed=args.seed, max_per_half=args.max_per_half,
                                 detector=InceptionDetector(device=device), cache_dir=cache_dir,
                                 batch_size=args.batch_size, progress=progress)
         result["paper"] = {"64px": 0.88, "112px": 0.95}
-        return _finish(ev, result, out / "optimal_fid.json")
+        return _finish(result, out / "optimal_fid.json")
 
-    frames = ev.load_frames(args.dataset, args.split)
+    frames = load_frames(args.dataset, args.split)
     common = {"num_real": args.num_real, "subsample_seed": args.subsample_seed, "stats_path": args.ref_stats,
               "cache_dir": cache_dir, "batch_size": args.batch_size, "progress": progress}
 
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         result = ev.fid_of_images(images, frames, detector=InceptionDetector(device=device), kid=not args.no_kid,
                                   **common)
         result["images"] = str(args.images)
-        return _finish(ev, result, out / "fid.json")
+        return _finish(result, out / "fid.json")
     if args.command == "fid" and args.model is None:
         raise SystemExit("fid needs --model (pipeline folder / Hub id) or --images (.npz, shard or PNG folder)")
 
@@ -181,15 +183,19 @@ def main(argv: list[str] | None = None) -> dict | None:
         path = out / "variance.json"
     if result is not None:
         result["model"] = str(args.model)
-    return _finish(ev, result, path) if accelerator.is_main_process else None
+    return _finish(result, path) if accelerator.is_main_process else None
 
 
 def _has_seeds(path: str) -> bool:
-    return Path(path).is_dir() and any(Path(path).glob("shard-*.npz"))
+    from pipelines.evaluation.generation import SHARD_GLOB
+
+    return Path(path).is_dir() and any(Path(path).glob(SHARD_GLOB))
 
 
-def _finish(ev, result: dict, path: Path) -> dict:
-    ev.write_json(result, path)
+def _finish(result: dict, path: Path) -> dict:
+    from pipelines.utils import atomic_write_json
+
+    atomic_write_json(path, result)
     shown = {k: v for k, v in result.items() if k not in ("reference",)}
     print(json.dumps(shown, indent=2, default=str))
     print(f"results written to {path}")

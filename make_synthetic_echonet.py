@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a synthetic folder in EchoNet-Dynamic's layout (Videos/*.avi, FileList.csv, VolumeTracings.csv).
 
-    python make_synthetic_echonet.py --out data/synthetic-echonet --num_videos 200 --seed 0
+    python make_synthetic_echonet.py --output_dir data/synthetic-echonet --num_videos 200 --seed 0
 """
 
 import argparse
@@ -12,7 +12,7 @@ from pipelines.data.synthetic_echonet import STYLES, write_synthetic_echonet
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--output_dir", required=True, help="output folder")
     parser.add_argument("--num_videos", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parametrisation", default="echonet", choices=sorted(STYLES),
@@ -28,7 +28,7 @@ def main(argv=None):
             parser.error("--min_frames and --max_frames go together")
         num_frames = (args.min_frames, args.max_frames)
     start = time.perf_counter()
-    out = write_synthetic_echonet(args.out, num_videos=args.num_videos, seed=args.seed,
+    out = write_synthetic_echonet(args.output_dir, num_videos=args.num_videos, seed=args.seed,
                                   parametrisation=args.parametrisation, num_workers=args.num_workers,
                                   num_frames=num_frames, overwrite=args.overwrite)
     print(f"wrote {args.num_videos} videos to {out} in {time.perf_counter() - start:.1f} s")

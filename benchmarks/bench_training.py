@@ -3,7 +3,7 @@
     python benchmarks/bench_training.py --arch adm ddpmpp ncsnpp --mixed_precision no bf16
 
 Each (arch, precision) runs in its own process: build the network at 64x64 (1 channel, dropout 0.05),
-EDM preconditioning and loss, Adam and the EMA, then time ``pipelines.training.train_step`` + EMA
+EDM preconditioning and loss, Adam and the EMA, then time ``pipelines.training.step.train_step`` + EMA
 update at batch 8 (one process, no accumulation) on random images; reports the median of the timed
 steps after the warm-up steps, and the process's peak resident memory.
 """
@@ -25,13 +25,16 @@ def run_one(arch: str, mixed_precision: str, batch: int, warmup: int, reps: int,
     from accelerate import Accelerator
 
     from pipelines.ema import EDMEma
-    from pipelines.training.loop import TrainConfig, TrainStats, _build_components, batch_layout, train_step
+    from pipelines.training import TrainConfig
+    from pipelines.training.data_order import batch_layout
+    from pipelines.training.stats import TrainStats
+    from pipelines.training.step import build_components, train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = TrainConfig(dataset="-", output_dir="-", arch=arch, batch_size=batch, mixed_precision=mixed_precision)
     accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
-    net, loss_fn, _ = _build_components(cfg, resolution=64, channels=1)
+    net, loss_fn, _ = build_components(cfg, resolution=64, channels=1)
     ema = EDMEma(net, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     model, optimizer = accelerator.prepare(net, optimizer)

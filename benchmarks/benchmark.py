@@ -7,7 +7,7 @@
 
 Rows (``--only``, repeatable):
   ceiling    matmul ceiling, 2048x2048, fp32 and bf16 (GFLOP/s)
-  train      per network x precision: EDM loss forward+backward + Adam + EMA (``pipelines.training.train_step``),
+  train      per network x precision: EDM loss forward+backward + Adam + EMA (``pipelines.training.step.train_step``),
              img/s, achieved GFLOP/s and share of the ceiling, peak RSS (fresh subprocess per cell)
   sample     per network x precision: the EDM denoiser D(x; sigma) forward, img*NFE/s, GFLOP/s, share
   optim      Adam step (for-loop / foreach / fused) and EMA update (fp32 / bf16 shadows) per network
@@ -135,7 +135,10 @@ def network_cell(spec: dict) -> dict:
     from accelerate.state import AcceleratorState
 
     from pipelines.ema import EDMEma
-    from pipelines.training.loop import TrainConfig, TrainStats, _build_components, batch_layout, train_step
+    from pipelines.training import TrainConfig
+    from pipelines.training.data_order import batch_layout
+    from pipelines.training.stats import TrainStats
+    from pipelines.training.step import build_components, train_step
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -151,7 +154,7 @@ def network_cell(spec: dict) -> dict:
     rss_before = peak_rss_gib()
     AcceleratorState._reset_state(reset_partial_state=True)  # in-process (--no-isolate) cells differ in precision
     accelerator = Accelerator(cpu=True, mixed_precision=cfg.mixed_precision)
-    net, loss_fn, _ = _build_components(cfg, resolution=res, channels=channels)
+    net, loss_fn, _ = build_components(cfg, resolution=res, channels=channels)
     result["params_M"] = sum(p.numel() for p in net.parameters()) / 1e6
     if spec["grad_ckpt"]:
         net.enable_gradient_checkpointing()
@@ -262,7 +265,7 @@ def optim_cell(arch: str, channels: int, resolution: int, quick: bool, threads: 
 def dg_cell(arch: str, precision: str, channels: int, resolution: int, quick: bool, threads: int, batch: int,
             warmup: int, reps: int, steps: int) -> dict:
     """Sampling time with DG (w2 = 0, w2 > 0) over plain sampling, same network, batch and steps."""
-    from pipelines.components.discriminator import logits_of
+    from pipelines.components.guidance import discriminator_logits
     from pipelines.components.pipeline_echodiff import EchoDiffPipeline
     from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
     from pipelines.networks import build_network
@@ -309,7 +312,7 @@ def dg_cell(arch: str, precision: str, channels: int, resolution: int, quick: bo
     def disc_grad():
         xg = x.clone().requires_grad_(True)
         with autocast(precision):
-            logits = logits_of(disc(xg, sigma))
+            logits = discriminator_logits(disc(xg, sigma))
         torch.autograd.grad(logits.float().sum(), xg)
 
     out["disc_fwd_bwd_s"], _ = median_time(disc_grad, max(warmup, 1), reps)
@@ -332,14 +335,17 @@ def loss_curve_cell(steps: int, quick: bool, threads: int, batch: int) -> dict:
     """The same training run (weights, data order, noise) in fp32 and in bf16 autocast: per-step losses.
 
     A small-but-not-tiny DDPM++ (32x32, 1 channel, ~2M parameters; tiny with ``quick``) on synthetic echo
-    frames, lr 1e-3 (EDM's, past the warm-up), through ``pipelines.training.train_step``.
+    frames, lr 1e-3 (EDM's, past the warm-up), through ``pipelines.training.step.train_step``.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     from pipelines.data.synthetic_echonet import synthetic_frames
     from pipelines.networks import tiny_config
-    from pipelines.training.loop import TrainConfig, TrainStats, _build_components, batch_layout, train_step
+    from pipelines.training import TrainConfig
+    from pipelines.training.data_order import batch_layout
+    from pipelines.training.stats import TrainStats
+    from pipelines.training.step import build_components, train_step
 
     torch.set_num_threads(threads)
     res = 16 if quick else 32
@@ -353,7 +359,7 @@ def loss_curve_cell(steps: int, quick: bool, threads: int, batch: int) -> dict:
         AcceleratorState._reset_state(reset_partial_state=True)
         accelerator = Accelerator(cpu=True, mixed_precision=cfg.mixed_precision)
         torch.manual_seed(0)  # identical initial weights and dropout streams in both runs
-        net, loss_fn, _ = _build_components(cfg, resolution=res, channels=1)
+        net, loss_fn, _ = build_components(cfg, resolution=res, channels=1)
         optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
         model, optimizer = accelerator.prepare(net.train(), optimizer)
         layout, stats = batch_layout(batch, 1, None), TrainStats(accelerator.device)
@@ -406,7 +412,8 @@ def inception_cell(images: int, warmup: int, reps: int, threads: int) -> dict:
 def data_cell(work: Path, num_videos: int, loader_images: int, workers: int) -> dict:
     from bench_data import loader_rate
 
-    from pipelines.data.echonet_frames import FrameDataset, build_frame_dataset
+    from pipelines.data.echonet_frames import FrameDataset
+    from pipelines.data.frame_builder import build_frame_dataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
 
     torch.set_num_threads(1)

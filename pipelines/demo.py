@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.utils import reset_accelerate_state
+
 # Calibrated on the 2-core reference CPU (bf16 autocast): this network trains at ~50 img/s and samples
 # at ~3.4 img/s with 18 Heun steps; Inception features run at ~17 img/s.
 DEMO_NETWORK = {"model_channels": 16, "channel_mult": [1, 2, 4], "num_blocks": 1, "attn_resolutions": [16]}
@@ -122,7 +124,7 @@ class StageTimer:
 
 def prepare_data(cfg: DemoConfig, out: Path, row: dict) -> Path:
     """The synthetic EchoNet-layout folder and its frame dataset (each reused when already complete)."""
-    from pipelines.data.echonet_frames import build_frame_dataset
+    from pipelines.data.frame_builder import build_frame_dataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
 
     echonet, frames = out / "data" / "echonet_synthetic", out / "data" / f"frames_{cfg.resolution}"
@@ -147,7 +149,7 @@ def prepare_data(cfg: DemoConfig, out: Path, row: dict) -> Path:
 
 
 def train_config(cfg: DemoConfig, frames: Path, train_dir: Path):
-    from pipelines.training.loop import TrainConfig, resolve_mixed_precision
+    from pipelines.training import TrainConfig, resolve_mixed_precision
 
     precision = resolve_mixed_precision(cfg.mixed_precision, cpu=True)
     return TrainConfig(
@@ -165,13 +167,14 @@ def train_config(cfg: DemoConfig, frames: Path, train_dir: Path):
 
 
 TRAIN_DONE = "demo_training_done.json"
-# Settings that change only how a run is shown, not the model it produces.
-_PRESENTATION_FIELDS = ("progress_bar", "logging_steps", "report_to")
 
 
 def model_identity(tcfg) -> dict:
+    """The run's settings that decide the model it produces (the ones that only change how it is shown dropped)."""
+    from pipelines.training.config import DISPLAY, fields_with_resume_role
+
     config = json.loads(json.dumps(tcfg.to_dict()))
-    return {k: v for k, v in config.items() if k not in _PRESENTATION_FIELDS}
+    return {k: v for k, v in config.items() if k not in fields_with_resume_role(DISPLAY)}
 
 
 def identity_key(obj: Any) -> str:
@@ -185,7 +188,7 @@ def run_training(cfg: DemoConfig, frames: Path, train_dir: Path, row: dict) -> d
     the latest checkpoint (a longer budget continues the run; an incompatible model is refused by
     ``train`` with an error naming the setting).
     """
-    from pipelines.training.loop import train
+    from pipelines.training import train
 
     tcfg = train_config(cfg, frames, train_dir)
     done = train_dir / TRAIN_DONE
@@ -198,25 +201,15 @@ def run_training(cfg: DemoConfig, frames: Path, train_dir: Path, row: dict) -> d
         done.unlink()
     print(f"training {cfg.arch.upper()} ({tcfg.network_overrides}) under {cfg.precond.upper()} for "
           f"{cfg.duration_kimg:g} kimg, batch {cfg.batch_size}, mixed precision {tcfg.mixed_precision}")
-    _reset_accelerate_state()
+    reset_accelerate_state()
     t0 = time.perf_counter()
     result = train(tcfg)
     seconds = time.perf_counter() - t0
-    _reset_accelerate_state()
+    reset_accelerate_state()
     info = {"identity": wanted, "config": json.loads(json.dumps(tcfg.to_dict())), "images_seen": result.images_seen,
             "steps": result.steps, "seconds_this_session": round(seconds, 1), "pipeline": str(result.pipeline_dirs[0])}
     done.write_text(json.dumps(info, indent=2))
     return info
-
-
-def _reset_accelerate_state() -> None:
-    """Lets a later ``Accelerator`` in this process pick other settings (e.g. the next run's precision)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    if AcceleratorState._shared_state and AcceleratorState().num_processes > 1:
-        return  # under a multi-process launch the state must stay as the launcher set it
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def loss_history(train_dir: Path) -> list[dict]:
@@ -273,22 +266,18 @@ def untrained_pipeline(cfg: DemoConfig, channels: int):
     return pipe
 
 
-def export_pipeline(train_pipeline: Path, target: Path, metrics: dict[str, float], repo_id: str) -> Path:
-    """Copy of the trained pipeline with its model card re-rendered with the demo's metrics.
-
-    The training-configuration section ``train()`` wrote into the card is kept.
-    """
+def export_pipeline(train_dir: Path, target: Path, metrics: dict[str, float], repo_id: str) -> Path:
+    """Copy of the trained pipeline whose model card carries the demo's metrics and the training section."""
     from pipelines import hub
+    from pipelines.training.export import RUN_INFO_FILE, training_card_section
 
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(train_pipeline, target)
-    old = (train_pipeline / "README.md").read_text(encoding="utf-8") if (train_pipeline / "README.md").is_file() else ""
-    marker = "\n## Training configuration"
-    training_section = old[old.index(marker):] if marker in old else ""
-    card = hub.render_model_card(target, repo_id, metrics=metrics,
-                                 card_data={"dataset_name": "synthetic EchoNet-layout frames (EchoDiff demo)"})
-    (target / "README.md").write_text(str(card).rstrip("\n") + "\n" + training_section, encoding="utf-8")
+    shutil.copytree(train_dir / "pipeline", target)
+    run_info = json.loads((train_dir / RUN_INFO_FILE).read_text())
+    hub.write_model_card(target, repo_id, metrics=metrics,
+                         card_data={"dataset_name": "synthetic EchoNet-layout frames (EchoDiff demo)"},
+                         sections=[training_card_section(run_info)])
     return target
 
 
@@ -298,10 +287,12 @@ def export_pipeline(train_pipeline: Path, target: Path, metrics: dict[str, float
 
 def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
     """Runs (or resumes) the demo; returns the metrics dict also written to ``<out_dir>/metrics.json``."""
+    from pipelines.data.echonet_frames import load_frames
     from pipelines.evaluation import protocol as ev
     from pipelines.evaluation.fid import InceptionDetector
-    from pipelines.evaluation.generation import finished_seeds, generate_images, load_images, save_image_grid
+    from pipelines.evaluation.generation import finished_seeds, generate_images, load_images
     from pipelines.hub import load_pipeline
+    from pipelines.utils import atomic_write_json, save_image_grid
 
     cfg = dataclasses.replace(cfg, **changes) if cfg is not None else DemoConfig(**changes)
     out = Path(cfg.out_dir)
@@ -312,7 +303,7 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
 
     with timer.stage("data: synthetic videos + frame dataset") as row:
         frames_dir = prepare_data(cfg, out, row)
-        frames = ev.load_frames(frames_dir, cfg.split)
+        frames = load_frames(frames_dir, cfg.split)
         print(f"{len(frames)} {cfg.split} frames of {frames.resolution}x{frames.resolution} in {frames_dir}")
 
     train_dir = out / "train"
@@ -356,15 +347,15 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
 
     with timer.stage("sample grids, pipeline + model card"):
         grid_seeds = seeds[:cfg.grid_images]
-        grid = save_image_grid(load_images(sample_dirs["trained"], seeds=grid_seeds), out / "samples_grid.png")
+        grid = save_image_grid(load_images(sample_dirs["trained"], seeds=grid_seeds), out / "samples_grid.png", nrow=8)
         untrained_grid = save_image_grid(load_images(sample_dirs["untrained"], seeds=grid_seeds),
-                                         out / "untrained_grid.png")
+                                         out / "untrained_grid.png", nrow=8)
         real_idx = np.linspace(0, len(frames) - 1, num=min(cfg.grid_images, len(frames))).round().astype(int)
-        real_grid = save_image_grid(frames.images_uint8(real_idx), out / "real_grid.png")
+        real_grid = save_image_grid(frames.images_uint8(real_idx), out / "real_grid.png", nrow=8)
         n_gen, n_real = scores["trained"]["num_generated"], scores["trained"]["num_real"]
         card_metrics = {f"FID ({n_gen} generated vs {n_real} real, demo)": round(scores["trained"]["fid"], 3),
                         f"KID ({n_gen} generated vs {n_real} real, demo)": round(scores["trained"]["kid"], 5)}
-        pipeline_dir = export_pipeline(train_dir / "pipeline", out / "pipeline", card_metrics,
+        pipeline_dir = export_pipeline(train_dir, out / "pipeline", card_metrics,
                                        repo_id=f"echodiff-demo-{cfg.arch}-{cfg.precond}")
 
     metrics = {
@@ -385,11 +376,11 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
                   "tensorboard_logs": str(train_dir / "logs"), "frames": str(frames_dir),
                   "samples": {k: str(v) for k, v in sample_dirs.items()}},
     }
-    metrics_path = ev.write_json(metrics, out / "metrics.json")
+    metrics_path = atomic_write_json(out / "metrics.json", metrics)
     print(report(metrics, metrics_path))
     print(timer.summary())
     metrics["timings_total_s"] = round(time.perf_counter() - timer.start, 1)
-    ev.write_json(metrics, metrics_path)
+    atomic_write_json(metrics_path, metrics)
     return metrics
 
 

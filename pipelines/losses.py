@@ -9,6 +9,7 @@ One loss per preconditioning, each the per-pixel weighted squared error of the d
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -51,10 +52,19 @@ class DenoisingLoss:
     def kind(self) -> str:
         return self.preconditioning.kind
 
-    def sample_sigma(self, batch_size: int, generator: torch.Generator | None = None,
+    def sample_sigma(self, batch_size: int, generator: torch.Generator | Sequence[torch.Generator] | None = None,
                      device: str | torch.device | None = None) -> torch.Tensor:
-        """Training noise levels (B,) float32, drawn from this loss's distribution."""
+        """Training noise levels (B,) float32, drawn from this loss's distribution.
+
+        ``generator``: one generator for the batch, or a list of ``batch_size`` generators (image i draws its
+        sigma from generator i, so an image's draw does not depend on the batch it is in).
+        """
         device = torch.device(device or "cpu")
+        if isinstance(generator, (list, tuple)):
+            _check_generators(generator, batch_size)
+            # Each draw and its transform run on the generator's device, one image at a time: the values do
+            # not depend on the batch split (a vectorised exp may round differently from a scalar one).
+            return torch.cat([self.sample_sigma(1, g, device=g.device) for g in generator]).to(device)
         if self.kind == "edm":
             normal = randn_tensor((batch_size,), generator=generator, device=device, dtype=torch.float64)
             sigma = (normal * self.P_std + self.P_mean).exp()
@@ -76,11 +86,19 @@ class DenoisingLoss:
         return 1 / sigma**2
 
     def __call__(self, network, images: torch.Tensor, class_labels: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pixel weighted squared error of D (same shape as ``images``) and the sigmas drawn (B,)."""
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel weighted squared error of D (same shape as ``images``) and the sigmas drawn (B,).
+
+        ``generator``: one generator for the batch, or a list of B generators; with a list, image i draws
+        its sigma and then its noise from generator i (training seeds one per image: the same noise in
+        any batch split).
+        """
         if not torch.is_tensor(images) or images.ndim < 2 or not images.is_floating_point():
             raise ValueError("images must be a float tensor (B, C, H, W) in [-1, 1]")
         images = images.to(torch.float32)
+        if isinstance(generator, tuple):
+            generator = list(generator)  # randn_tensor takes a list
         sigma = self.sample_sigma(images.shape[0], generator=generator, device=images.device)
         view = (-1,) + (1,) * (images.ndim - 1)
         noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=torch.float32)
@@ -88,6 +106,12 @@ class DenoisingLoss:
         denoised = self.preconditioning.denoise(network, noisy, sigma, class_labels)
         loss = self.weight(sigma).reshape(view) * (denoised - images) ** 2
         return loss, sigma
+
+
+def _check_generators(generators: Sequence[torch.Generator], batch_size: int) -> None:
+    if len(generators) != batch_size or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(f"generator: expected one torch.Generator or a list of {batch_size} (one per image), "
+                         f"got a list of {len(generators)}")
 
 
 def _rand(shape: tuple[int, ...], generator, device: torch.device) -> torch.Tensor:

@@ -131,25 +131,26 @@ def test_resnet_runs_and_resumes_exactly_after_interruption(tmp_path, name):
 
     with pytest.raises(KeyboardInterrupt):
         train_classifier(name, data, tmp_path / "resumed", config, log=interrupt)
-    state = json.loads((tmp_path / "resumed" / "state.json").read_text())
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "epoch-001" / "state.json").read_text())
     assert len(state["history"]) == 1
     messages = []
     resumed = train_classifier(name, data, tmp_path / "resumed", config, log=messages.append)
     assert any("resuming after epoch 1" in m for m in messages)
-    full = load_file(tmp_path / "full" / "checkpoint_epoch2.safetensors")
-    again = load_file(tmp_path / "resumed" / "checkpoint_epoch2.safetensors")
-    assert full.keys() == again.keys() and any(k.startswith("optimizer.") for k in full)
-    for key in full:
-        torch.testing.assert_close(again[key], full[key], rtol=0, atol=0, msg=key)
+    for file in ("model.safetensors", "optimizer.safetensors"):  # weights and Adam state, bitwise
+        full = load_file(tmp_path / "full" / "checkpoints" / "epoch-002" / file)
+        again = load_file(tmp_path / "resumed" / "checkpoints" / "epoch-002" / file)
+        assert full.keys() == again.keys() and full
+        for key in full:
+            torch.testing.assert_close(again[key], full[key], rtol=0, atol=0, msg=key)
     assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in reference["history"]]
-    assert not (tmp_path / "resumed" / "checkpoint_epoch1.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["epoch-002"]  # newest only
 
 
 def test_finished_run_is_skipped_and_other_settings_are_refused(tmp_path):
     data = _tiny_data(count=16, resolution=8)
     config = ClassifierConfig(epochs=2, batch_size=8)
     first = train_classifier("linear", data, tmp_path, config, log=lambda _: None)
-    checkpoint = tmp_path / "checkpoint_epoch2.safetensors"
+    checkpoint = tmp_path / "checkpoints" / "epoch-002" / "model.safetensors"
     modified = checkpoint.stat().st_mtime_ns
     messages = []
     second = train_classifier("linear", data, tmp_path, config, log=messages.append)
@@ -185,7 +186,7 @@ def test_resnets_learn_real_vs_inverted(tmp_path):
 
 @pytest.fixture(scope="module")
 def frame_dataset(tmp_path_factory):
-    from pipelines.data.echonet_frames import build_frame_dataset
+    from pipelines.data.frame_builder import build_frame_dataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
 
     root = tmp_path_factory.mktemp("shift")
@@ -203,8 +204,8 @@ def test_cli_end_to_end_and_rerun_skips(frame_dataset, tmp_path, monkeypatch, ca
     np.savez(tmp_path / "copies.npz", images=real, seeds=np.arange(len(real)))
     argv = ["evaluate_distribution_shift.py", "--real", str(frame_dataset / "frames"),
             "--generated", f"Inverted={tmp_path / 'inverted.npz'}", "--generated", f"Copies={tmp_path / 'copies.npz'}",
-            "--out", str(tmp_path / "out"), "--classifiers", "linear", "resnet18", "--epochs", "1",
-            "--batch-size", "8", "--lr", "1e-3", "--no-tensorboard"]
+            "--output_dir", str(tmp_path / "out"), "--classifiers", "linear", "resnet18", "--epochs", "1",
+            "--batch_size", "8", "--lr", "1e-3", "--no_tensorboard"]
     monkeypatch.setattr("sys.argv", argv)
     evaluate_distribution_shift.main()
     rows = {(r["generated_set"], r["classifier"]): r for r in csv.DictReader(open(tmp_path / "out" / "table.csv"))}
@@ -215,6 +216,6 @@ def test_cli_end_to_end_and_rerun_skips(frame_dataset, tmp_path, monkeypatch, ca
     evaluate_distribution_shift.main()
     assert capsys.readouterr().out.count("skipping") == 4
 
-    monkeypatch.setattr("sys.argv", argv[:3] + ["--generated", "NoPath", "--out", str(tmp_path / "bad")])
+    monkeypatch.setattr("sys.argv", argv[:3] + ["--generated", "NoPath", "--output_dir", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="NAME=PATH"):
         evaluate_distribution_shift.main()

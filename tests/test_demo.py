@@ -51,7 +51,7 @@ def test_demo_pipeline_folder_loads_and_card_has_metrics(demo):
     out, metrics = demo
     from pipelines.components.pipeline_echodiff import EchoDiffPipeline
 
-    pipe = EchoDiffPipeline.from_pretrained(str(out / "pipeline"))
+    pipe = EchoDiffPipeline.from_pretrained(str(out / "pipeline"), trust_remote_code=True)
     images = pipe(seeds=[0, 1], num_inference_steps=2, output_type="pt").images
     assert tuple(images.shape) == (2, 1, 16, 16)
     card = (out / "pipeline" / "README.md").read_text()

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from pipelines.components.discriminator import EchoDiffDiscriminator
+from pipelines.training.checkpoints import load_optimizer_state, save_optimizer_state
 from pipelines.training.discriminator import (
     DiscriminatorTrainingConfig,
     SigmaDistribution,
     load_epoch_discriminator,
-    load_optimizer_state,
     make_real_fake_split,
-    save_optimizer_state,
     saved_epochs,
     select_best_epoch,
     sigma_buckets,
@@ -133,7 +132,9 @@ def _fake_checkpoints(root, epochs):
         d = root / "checkpoints" / f"epoch-{e:03d}"
         (d / "discriminator").mkdir(parents=True)
         (d / "state.json").write_text(json.dumps({"epoch": e}))
-    (root / "checkpoints" / "epoch-009.tmp").mkdir()  # an interrupted save is ignored
+    killed = root / "checkpoints" / ".tmp-epoch-009"  # a save killed before its rename is ignored
+    (killed / "discriminator").mkdir(parents=True)
+    (killed / "state.json").write_text(json.dumps({"epoch": 9}))
 
 
 def test_select_best_epoch_picks_minimum_records_tables_and_resumes(tmp_path):
@@ -171,7 +172,7 @@ def test_train_discriminator_cli_trains_selects_by_fid_and_exports_a_dg_pipeline
     import train_discriminator
     from pipelines.components.pipeline_echodiff import EchoDiffPipeline
     from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
-    from pipelines.data.echonet_frames import build_frame_dataset
+    from pipelines.data.frame_builder import build_frame_dataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
     from pipelines.networks import build_network, tiny_config
 
@@ -183,10 +184,10 @@ def test_train_discriminator_cli_trains_selects_by_fid_and_exports_a_dg_pipeline
     EchoDiffPipeline(unet=build_network("adm", channels=1, **tiny_config("adm")),
                      scheduler=EDMHeunScheduler()).save_pretrained(tmp_path / "model")
     out = tmp_path / "dg"
-    argv = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "frames"), "--out", str(out),
-            "--generate-fake", "16", "--num-real", "16", "--steps", "3", "--tiny", "--epochs", "2",
-            "--batch-size", "8", "--val-fraction", "0.25", "--val-buckets", "2", "--selection-seeds", "0-5",
-            "--num-ref", "16", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    argv = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "frames"), "--output_dir", str(out),
+            "--generate_fake", "16", "--num_real", "16", "--steps", "3", "--tiny", "--epochs", "2",
+            "--batch_size", "8", "--val_fraction", "0.25", "--val_buckets", "2", "--selection_seeds", "0-5",
+            "--num_ref", "16", "--cache_dir", str(tmp_path / "cache"), "--no_progress_bar"]
     try:
         summary = train_discriminator.main(argv)
     finally:
@@ -200,9 +201,10 @@ def test_train_discriminator_cli_trains_selects_by_fid_and_exports_a_dg_pipeline
     assert selection["settings"]["dg_weight_first_order"] == 5.0  # the paper's DG settings by default
     assert len(list((out / "selection" / "epoch-001").glob("shard-*.npz"))) >= 1
 
-    pipe = EchoDiffPipeline.from_pretrained(out / "pipeline")
-    pipe.set_progress_bar_config(disable=True)
-    assert isinstance(pipe.discriminator, EchoDiffDiscriminator)
+    from pipelines.hub import load_pipeline
+
+    pipe = load_pipeline(out / "pipeline")  # diffusers' loader; the folder carries its code
+    assert type(pipe.discriminator).__name__ == "EchoDiffDiscriminator"  # the folder's own copy of the class
     best = load_epoch_discriminator(out, selection["best_epoch"])
     for a, b in zip(best.state_dict().values(), pipe.discriminator.state_dict().values()):
         assert torch.equal(a, b)

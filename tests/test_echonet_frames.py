@@ -1,9 +1,11 @@
-"""Frame dataset builder on a synthetic EchoNet folder: counts, pixels, flags, resume, bad input."""
+"""Frame dataset builder and reader on a synthetic EchoNet folder: counts, pixels, flags, resume, bad input."""
 
+import ast
 import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,9 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-import pipelines.data.echonet_frames as ef
-from pipelines.data.echonet_frames import FrameDataset, build_frame_dataset, push_frame_dataset
+import pipelines.data.frame_builder as builder
+from pipelines.data.echonet_frames import FrameDataset, load_frames
+from pipelines.data.frame_builder import build_frame_dataset, push_frame_dataset
 from pipelines.data.synthetic_echonet import write_synthetic_echonet
+
+REPO = Path(__file__).resolve().parents[1]
 
 SPLITS = {"TRAIN": "train", "VAL": "validation", "TEST": "test"}
 
@@ -149,6 +154,33 @@ def test_frame_dataset_access(built):
     assert rgb.images_uint8().shape[1] == 3
 
 
+def test_load_frames_reads_several_splits_as_one(built):
+    out, dd = built
+    parts = {split: FrameDataset(out, split=split) for split in ("train", "validation", "test")}
+    every = load_frames(out, "all")
+    assert len(every) == sum(len(p) for p in parts.values()) and every.split == "all"
+    assert every.source == str(out.resolve()) and (every.resolution, every.channels) == (64, 1)
+    np.testing.assert_array_equal(every.images_uint8(), np.concatenate([p.images_uint8() for p in parts.values()]))
+    two = load_frames(out, "test, train")
+    n_test = len(parts["test"])
+    np.testing.assert_array_equal(two.images_uint8([n_test + 2, 1]),
+                                  np.stack([parts["train"].images_uint8([2])[0], parts["test"].images_uint8([1])[0]]))
+    assert two.column("video_id").tolist() == [*dd["test"]["video_id"], *dd["train"]["video_id"]]
+    assert isinstance(load_frames(out, "validation"), FrameDataset)
+    with pytest.raises(ValueError, match="split must name a split"):
+        load_frames(out, " , ")
+
+
+def test_builder_stands_apart_from_the_synthetic_generator():
+    """Shared things live in pipelines.data.layout; no module takes another's private names."""
+    for path in (REPO / "pipelines" / "data").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not any(alias.name.startswith("_") for alias in node.names), f"{path.name}: {ast.dump(node)}"
+                if path.name == "frame_builder.py":
+                    assert "synthetic_echonet" not in (node.module or ""), "the builder imports the generator"
+
+
 def test_frame_dataset_errors(built, tmp_path):
     out, _ = built
     with pytest.raises(FileNotFoundError, match="no-such-folder"):
@@ -178,7 +210,7 @@ def test_overwrite_refusal(echonet, built, tmp_path):
 def test_resume_after_interruption(echonet, built, tmp_path, monkeypatch):
     _, reference = built
     out = tmp_path / "resumed"
-    original = ef._process_video
+    original = builder.process_video
     calls = []
 
     def interrupted_after_three(task):
@@ -187,7 +219,7 @@ def test_resume_after_interruption(echonet, built, tmp_path, monkeypatch):
         calls.append(task["video_id"])
         return original(task)
 
-    monkeypatch.setattr(ef, "_process_video", interrupted_after_three)
+    monkeypatch.setattr(builder, "process_video", interrupted_after_three)
     with pytest.raises(KeyboardInterrupt):
         build_frame_dataset(echonet, out, num_workers=0, progress=False, verbose=False)
     cache = out / "_work" / "videos"
@@ -202,7 +234,7 @@ def test_resume_after_interruption(echonet, built, tmp_path, monkeypatch):
         redone.append(task["video_id"])
         return original(task)
 
-    monkeypatch.setattr(ef, "_process_video", counting)
+    monkeypatch.setattr(builder, "process_video", counting)
     resumed = build_frame_dataset(echonet, out, num_workers=0, progress=False, verbose=False)
     assert len(redone) == 8 - 3 and not set(redone) & set(calls)
     assert rows_of(resumed) == rows_of(reference)
@@ -295,14 +327,14 @@ def test_command_lines(tmp_path, capsys):
     import build_echonet_frames
     import make_synthetic_echonet
 
-    src = make_synthetic_echonet.main(["--out", str(tmp_path / "syn"), "--num_videos", "3", "--seed", "5",
+    src = make_synthetic_echonet.main(["--output_dir", str(tmp_path / "syn"), "--num_videos", "3", "--seed", "5",
                                        "--min_frames", "10", "--max_frames", "12", "--num_workers", "1"])
     assert len(read_rows(src / "FileList.csv")) == 3
-    dd = build_echonet_frames.main(["--echonet_dir", str(src), "--out", str(tmp_path / "frames"), "--resolution", "32",
+    dd = build_echonet_frames.main(["--echonet_dir", str(src), "--output_dir", str(tmp_path / "frames"), "--resolution", "32",
                                     "--num_workers", "1"])
     assert "total" in capsys.readouterr().out
     assert FrameDataset(tmp_path / "frames", split="train").resolution == 32
     assert sum(dd[s].num_rows for s in dd) == sum(math.ceil(int(r["NumberOfFrames"]) / 5)
                                                 for r in read_rows(src / "FileList.csv"))
     with pytest.raises(SystemExit):
-        build_echonet_frames.main(["--echonet_dir", str(src), "--out", str(tmp_path / "f2"), "--push_to_hub", "a/b"])
+        build_echonet_frames.main(["--echonet_dir", str(src), "--output_dir", str(tmp_path / "f2"), "--push_to_hub", "a/b"])

@@ -8,23 +8,19 @@ import pytest
 import torch
 
 import evaluate
-from pipelines.evaluation.fid import (
-    FingerprintMismatchError,
-    InceptionDetector,
-    compute_features,
-    feature_statistics,
-    frechet_distance,
-    real_subsample_indices,
-)
+from pipelines.data.echonet_frames import load_frames
+from pipelines.evaluation.feature_cache import FingerprintMismatchError
+from pipelines.evaluation.fid import InceptionDetector, compute_features, feature_statistics, frechet_distance
 from pipelines.evaluation.generation import load_images
-from pipelines.evaluation.protocol import frame_level_halves, load_frames, patient_level_halves
+from pipelines.evaluation.protocol import frame_level_halves, patient_level_halves
+from pipelines.evaluation.reference import real_subsample_indices
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     from pipelines.components.pipeline_echodiff import EchoDiffPipeline
     from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
-    from pipelines.data.echonet_frames import build_frame_dataset
+    from pipelines.data.frame_builder import build_frame_dataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
     from pipelines.networks import build_network, tiny_config
 
@@ -44,15 +40,15 @@ def detector():
 
 
 def _args(ws, *extra):
-    return [*extra, "--dataset", ws["frames"], "--cache-dir", ws["cache"], "--no-progress"]
+    return [*extra, "--dataset", ws["frames"], "--cache_dir", ws["cache"], "--no_progress_bar"]
 
 
 def test_fid_of_real_frames_against_themselves_is_zero(workspace, tmp_path):
     train = load_frames(workspace["frames"], "train")
     np.savez(tmp_path / "real.npz", images=train.images_uint8())
     with pytest.warns(UserWarning, match="exceeds the dataset"):
-        result = evaluate.main(_args(workspace, "fid", "--images", str(tmp_path / "real.npz"), "--num-real", "1000",
-                                     "--out", str(tmp_path / "out")))
+        result = evaluate.main(_args(workspace, "fid", "--images", str(tmp_path / "real.npz"), "--num_real", "1000",
+                                     "--output_dir", str(tmp_path / "out")))
     assert result["num_real"] == result["num_generated"] == len(train) == 25
     assert abs(result["fid"]) < 1e-3 and np.isfinite(result["kid"])
     saved = json.loads((tmp_path / "out" / "fid.json").read_text())
@@ -62,7 +58,7 @@ def test_fid_of_real_frames_against_themselves_is_zero(workspace, tmp_path):
 def test_fid_of_pipeline_matches_direct_computation_and_resumes(workspace, detector, tmp_path):
     out = workspace["root"] / "runs"
     argv = _args(workspace, "fid", "--model", workspace["model"], "--seeds", "0-7", "--steps", "2",
-                 "--num-real", "20", "--subsample-seed", "3", "--gen-batch-size", "3", "--out", str(out))
+                 "--num_real", "20", "--subsample_seed", "3", "--gen_batch_size", "3", "--output_dir", str(out))
     result = evaluate.main(argv)
     samples = out / "samples-steps2"
     generated = load_images(samples)
@@ -80,20 +76,27 @@ def test_fid_of_pipeline_matches_direct_computation_and_resumes(workspace, detec
     assert again["fid"] == pytest.approx(result["fid"], rel=1e-12)
 
     ref = str(tmp_path / "ref.npz")
-    evaluate.main(_args(workspace, "fid", "--images", str(samples), "--num-real", "20", "--ref-stats", ref,
-                        "--no-kid", "--out", str(tmp_path)))
+    evaluate.main(_args(workspace, "fid", "--images", str(samples), "--num_real", "20", "--ref_stats", ref,
+                        "--no_kid", "--output_dir", str(tmp_path)))
     with pytest.raises(FingerprintMismatchError, match="subsample_seed"):
-        evaluate.main(_args(workspace, "fid", "--images", str(samples), "--num-real", "20", "--ref-stats", ref,
-                            "--subsample-seed", "1", "--out", str(tmp_path)))
+        evaluate.main(_args(workspace, "fid", "--images", str(samples), "--num_real", "20", "--ref_stats", ref,
+                            "--subsample_seed", "1", "--output_dir", str(tmp_path)))
 
 
 def test_optimal_fid_halves(workspace, tmp_path):
-    result = evaluate.main(_args(workspace, "optimal-fid", "--split", "all", "--out", str(tmp_path)))
+    result = evaluate.main(_args(workspace, "optimal-fid", "--split", "all", "--output_dir", str(tmp_path)))
     assert result["num_frames"] == 32 and result["num_videos"] == 8
     for name in ("patient_level", "frame_level"):
         assert result[name]["num_a"] + result[name]["num_b"] == 32 and result[name]["fid"] > 0
     assert result["patient_level"]["videos_a"] + result["patient_level"]["videos_b"] == 8
     assert (tmp_path / "optimal_fid.json").exists()
+
+    capped = evaluate.main(_args(workspace, "optimal-fid", "--split", "all", "--max_per_half", "6",
+                                 "--output_dir", str(tmp_path / "capped")))
+    for name in ("patient_level", "frame_level"):
+        assert capped[name]["num_a"] == capped[name]["num_b"] == 6
+        assert capped[name]["fid"] != result[name]["fid"]
+    assert capped["patient_level"]["videos_a"] <= result["patient_level"]["videos_a"]
 
 
 def test_patient_level_halves_keep_videos_together():
@@ -112,7 +115,7 @@ def test_patient_level_halves_keep_videos_together():
 def test_fid_vs_nfe_writes_csv_and_plot(workspace):
     out = workspace["root"] / "runs"
     result = evaluate.main(_args(workspace, "fid-vs-nfe", "--model", workspace["model"], "--steps", "3,2",
-                                 "--seeds", "0-7", "--num-real", "20", "--no-kid", "--out", str(out)))
+                                 "--seeds", "0-7", "--num_real", "20", "--no_kid", "--output_dir", str(out)))
     assert [r["nfe"] for r in result["rows"]] == [5, 3]
     with open(out / "fid_vs_nfe.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -124,7 +127,7 @@ def test_fid_vs_nfe_writes_csv_and_plot(workspace):
 def test_variance_study(workspace):
     out = workspace["root"] / "runs"
     result = evaluate.main(_args(workspace, "variance", "--model", workspace["model"], "--steps", "2", "--repeats", "2",
-                                 "--num-gen", "6", "--num-real", "20", "--out", str(out)))
+                                 "--num_gen", "6", "--num_real", "20", "--output_dir", str(out)))
     a, b = result["generated_fixed_real_varied"], result["real_fixed_generation_varied"]
     assert len(a["values"]) == len(b["values"]) == 2
     assert a["values"][0] != a["values"][1] and b["values"][0] != b["values"][1]
@@ -138,9 +141,9 @@ def test_cli_errors(workspace, tmp_path, capsys):
         evaluate.main(["sweep"])
     assert "--config" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--model"):
-        evaluate.main(_args(workspace, "fid", "--out", str(tmp_path)))
+        evaluate.main(_args(workspace, "fid", "--output_dir", str(tmp_path)))
     with pytest.raises(SystemExit, match="JSON object"):
-        evaluate.main(_args(workspace, "fid", "--model", workspace["model"], "--sampler-kwargs", "[1]",
-                            "--out", str(tmp_path)))
+        evaluate.main(_args(workspace, "fid", "--model", workspace["model"], "--sampler_kwargs", "[1]",
+                            "--output_dir", str(tmp_path)))
     with pytest.raises(ValueError, match="neither a saved pipeline folder"):
-        evaluate.main(_args(workspace, "fid", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path)))
+        evaluate.main(_args(workspace, "fid", "--model", str(tmp_path / "nothing"), "--output_dir", str(tmp_path)))

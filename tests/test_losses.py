@@ -100,6 +100,32 @@ def test_generator_makes_the_loss_reproducible_and_trains_a_real_network():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("kind", ["edm", "vp", "ve"])
+def test_a_list_of_generators_draws_each_images_sigma_then_noise_from_its_own(kind):
+    loss_fn = DenoisingLoss(kind)
+    images = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def generators():
+        return [torch.Generator().manual_seed(100 + i) for i in range(4)]
+
+    net = _RecordingNet()
+    loss, sigma = loss_fn(net, images, generator=generators())
+    (net_input, _), = net.inputs
+    c_in = loss_fn.preconditioning.coefficients(sigma.double())[2].float().view(-1, 1, 1, 1)
+    noise = (net_input / c_in - images) / sigma.view(-1, 1, 1, 1)
+    for i, generator in enumerate(generators()):
+        # Image i: its sigma (the loss's own distribution, one draw), then its noise, from generator i ...
+        assert torch.equal(sigma[i:i + 1], loss_fn.sample_sigma(1, generator))
+        torch.testing.assert_close(noise[i:i + 1], torch.randn(1, 1, 4, 4, generator=generator), rtol=1e-4, atol=1e-4)
+        # ... so alone it gets the same sigma and loss as in the batch.
+        alone, sigma_alone = loss_fn(_RecordingNet(), images[i:i + 1], generator=[generators()[i]])
+        assert torch.equal(sigma_alone, sigma[i:i + 1])
+        torch.testing.assert_close(alone, loss[i:i + 1], rtol=1e-6, atol=0)
+    assert len(set(sigma.tolist())) == 4  # the generators really differ
+    with pytest.raises(ValueError, match="generator: expected one torch.Generator or a list of 4"):
+        loss_fn(_RecordingNet(), images, generator=generators()[:3])
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="kind"):
         DenoisingLoss("flow")

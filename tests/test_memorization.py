@@ -146,9 +146,10 @@ def test_bad_input_is_named(frames):
         audit_memorization(train, calibration, np.zeros((2, 1, 16, 16), np.uint8))
 
 
-def test_cli_flags_copies_filters_and_keeps_seeds(tmp_path, monkeypatch):
+def test_cli_flags_copies_filters_and_keeps_seeds(tmp_path):
     import audit_memorization
-    from pipelines.data.echonet_frames import FrameDataset, build_frame_dataset
+    from pipelines.data.echonet_frames import FrameDataset
+    from pipelines.data.frame_builder import build_frame_dataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
 
     echonet = write_synthetic_echonet(tmp_path / "echonet", num_videos=16, seed=3, num_workers=0, num_frames=(30, 40))
@@ -159,11 +160,10 @@ def test_cli_flags_copies_filters_and_keeps_seeds(tmp_path, monkeypatch):
     generated = np.concatenate([test_ds.images_uint8(), copies])  # unseen real frames stand in for novel samples
     seeds = np.arange(1000, 1000 + len(generated))
     np.savez(tmp_path / "generated.npz", images=generated, seeds=seeds)
-    monkeypatch.setattr("sys.argv", [
-        "audit_memorization.py", "--data", str(tmp_path / "frames"), "--heldout-splits", "validation",
-        "--generated", str(tmp_path / "generated.npz"), "--out", str(tmp_path / "audit"), "--filter",
-        "--num-pairs", "4"])
-    audit_memorization.main()
+    audit_memorization.main([
+        "--data", str(tmp_path / "frames"), "--heldout_splits", "validation",
+        "--generated", str(tmp_path / "generated.npz"), "--output_dir", str(tmp_path / "audit"), "--filter",
+        "--num_pairs", "4"])
     summary = json.loads((tmp_path / "audit" / "summary.json").read_text())
     assert summary["num_train"] == len(train_ds) and summary["num_generated"] == len(generated)
     assert summary["metadata"]["heldout_splits"] == ["validation"]

@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.evaluation import sweep
 from pipelines.networks import build_network, tiny_config
-from pipelines.training.loop import ConfigError, TrainConfig
+from pipelines.training import ConfigError
 
 # Each test starts and ends with a fresh accelerate state (conftest.py).
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -21,7 +21,7 @@ def tiny_overrides(arch):
 
 @pytest.fixture(scope="module")
 def frames16(tmp_path_factory):
-    from pipelines.data.echonet_frames import build_frame_dataset
+    from pipelines.data.frame_builder import build_frame_dataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
 
     root = tmp_path_factory.mktemp("sweepdata")
@@ -90,20 +90,33 @@ def test_sweep_rerun_skips_finished_runs(swept, monkeypatch, capsys):
 
     monkeypatch.setattr(sweep, "train_run", must_not_run)
     monkeypatch.setattr(sweep, "evaluate_run", must_not_run)
-    again = sweep.main(["--config", str(path), "--no-progress"])
+    again = sweep.main(["--config", str(path), "--no_progress_bar"])
     assert "finished earlier, skipped" in capsys.readouterr().out
     assert {n: (runs_dir / n / "result.json").stat().st_mtime_ns for n in before} == before
     assert len(again["results"]) == 2
 
 
-def test_train_cli_args_round_trip_through_the_training_cli():
-    from train_unconditional import config_from_args
+def test_launcher_runs_train_unconditional_with_each_runs_config(frames16, tmp_path, monkeypatch):
+    """With a launcher, a run trains in a subprocess whose flags parse back to exactly the run's TrainConfig."""
+    import subprocess
 
-    cfg = TrainConfig(dataset="data/x", output_dir="runs/y", arch="ncsnpp", precond="ve", batch_size=64,
-                      network_overrides={"model_channels": 32}, ema_halflife_kimg=(10.0, 50.0), ema_rampup_ratio=None,
-                      duration_kimg=12.5, mixed_precision="bf16", cpu=True, progress_bar=False, hub_private=False,
-                      checkpoints_total_limit=3, resume_from_checkpoint="latest")
-    assert config_from_args(sweep.train_cli_args(cfg)) == cfg
+    from train_unconditional import parse_args
+
+    data = {**config_dict(frames16, tmp_path / "runs"), "launcher": "accelerate launch --num_processes 2"}
+    config = sweep.parse_sweep_config(data, source="cfg.json")
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command, cwd: commands.append(command) or
+                        subprocess.CompletedProcess(command, 0))
+    for run in config.runs:
+        sweep.train_run(config, run, progress=True)
+    def as_json(cfg):  # network_overrides' tuples travel as JSON lists
+        return json.loads(json.dumps(cfg.to_dict()))
+
+    for command, run in zip(commands, config.runs):
+        assert command[:4] == ["accelerate", "launch", "--num_processes", "2"]
+        assert command[4].endswith("train_unconditional.py")
+        assert as_json(parse_args(command[5:])) == as_json(config.train_config(run))
+    assert parse_args(commands[1][5:]).batch_size == 12 and parse_args(commands[1][5:]).arch == "adm"
 
 
 def test_bad_sweep_configs_name_the_problem(tmp_path, frames16):

@@ -1,5 +1,6 @@
-"""train_unconditional.py / pipelines.training.loop: training, exact resume, kill-safe checkpoints, data
-parallelism, argument errors. Tiny networks on a tiny synthetic EchoNet frame dataset, CPU only."""
+"""train_unconditional.py / pipelines.training: the config and its CLI, data order, the training step,
+training runs, exact resume, kill-safe checkpoints, data parallelism, export, argument errors. Tiny
+networks on a tiny synthetic EchoNet frame dataset, CPU only."""
 
 import json
 import os
@@ -16,17 +17,15 @@ from safetensors.torch import load_file
 
 import train_unconditional
 from pipelines.networks import tiny_config
-from pipelines.training import loop as training
-from pipelines.training.loop import (
-    ConfigError,
-    TrainConfig,
-    TrainStats,
-    batch_layout,
-    chunk_positions,
-    learning_rate,
-    list_checkpoints,
-    train,
-)
+from pipelines.training import ConfigError, TrainConfig, resolve_mixed_precision, train
+from pipelines.training.checkpoints import TRAINING_STATE_FILE, CheckpointStore, training_checkpoints
+from pipelines.training.config import FIELDS, build_parser, config_from_cli_args, config_to_cli_args
+from pipelines.training.data_order import RankBatchSampler, batch_layout, chunk_positions, image_generators
+from pipelines.training.export import training_card_section
+from pipelines.training.precision import cpu_has_native_bf16
+from pipelines.training.stats import TrainStats
+from pipelines.training.step import build_adam, build_components, learning_rate, train_step
+from pipelines.utils import to_float
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.fixture(scope="session")
 def frames16(tmp_path_factory):
     """A 16x16 frame dataset (28 train frames) built from 6 synthetic EchoNet videos."""
-    from pipelines.data.echonet_frames import build_frame_dataset
+    from pipelines.data.frame_builder import build_frame_dataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
 
     root = tmp_path_factory.mktemp("echonet")
@@ -64,6 +63,10 @@ def make_cfg(dataset, out, arch="ddpmpp", steps=4, batch=8, **kw):
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+def checkpoint_numbers(output_dir):
+    return [n for n, _ in training_checkpoints(output_dir).checkpoints()]
 
 
 def checkpoint_tensors(path):
@@ -99,13 +102,13 @@ def test_batch_layout_and_chunks_cover_the_global_batch_once():
 
 def test_sampler_epochs_are_permutations_and_resume_mid_stream():
     layout = batch_layout(6, 1, 3)
-    sampler = training.RankBatchSampler(10, layout, rank=0, seed=5)
+    sampler = RankBatchSampler(10, layout, rank=0, seed=5)
     it = iter(sampler)
     stream = [i for _ in range(20) for i in next(it)]  # 60 positions = 6 epochs of 10
     for epoch in range(6):
         assert sorted(stream[epoch * 10:(epoch + 1) * 10]) == list(range(10))
     assert stream[:10] != stream[10:20]  # reshuffled each epoch
-    resumed = iter(training.RankBatchSampler(10, layout, rank=0, seed=5, start_step=3))
+    resumed = iter(RankBatchSampler(10, layout, rank=0, seed=5, start_step=3))
     assert [i for _ in range(4) for i in next(resumed)] == stream[18:30]
 
 
@@ -118,19 +121,47 @@ def test_learning_rate_warmup_closed_form():
 
 
 def test_paper_defaults():
-    cfg = train_unconditional.config_from_args(["--dataset", "d", "--output_dir", "o"])
+    cfg = train_unconditional.parse_args(["--dataset", "d", "--output_dir", "o"])
     assert (cfg.batch_size, cfg.dropout, cfg.lr, cfg.lr_rampup_kimg) == (512, 0.05, 1e-3, 10000)
     assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon) == (0.9, 0.999, 1e-8)
     assert (tuple(cfg.ema_halflife_kimg), cfg.ema_rampup_ratio) == ((500.0,), 0.05)
     assert cfg.duration_nimg == 30_106_000  # ADM, Table 1
-    assert train_unconditional.config_from_args(
+    assert train_unconditional.parse_args(
         ["--dataset", "d", "--output_dir", "o", "--arch", "ncsnpp"]).duration_nimg == 60_211_000
+
+
+def test_cli_flags_are_the_config_fields_and_round_trip():
+    parser = build_parser()
+    dests = {action.dest for action in parser._actions} - {"help"}
+    assert dests == set(FIELDS)  # one flag per field, nothing hand-written beside them
+    cfg = TrainConfig(dataset="data/x", output_dir="runs/y", arch="ncsnpp", precond="ve", batch_size=64,
+                      network_overrides={"model_channels": 32}, ema_halflife_kimg=(10.0, 50.0), ema_rampup_ratio=None,
+                      duration_kimg=12.5, mixed_precision="bf16", cpu=True, progress_bar=False, hub_private=False,
+                      channels_last=False, checkpoints_total_limit=3, resume_from_checkpoint="latest",
+                      batch_per_gpu=16, lr=3e-4, compile=True)
+    assert config_from_cli_args(config_to_cli_args(cfg)) == cfg
+    defaults = TrainConfig(dataset="d", output_dir="o")
+    assert config_to_cli_args(defaults) == ["--dataset", "d", "--output_dir", "o"]
+    # The spellings of the earlier hand-written parser still parse.
+    old = config_from_cli_args(["--dataset", "d", "--output_dir", "o", "--no-channels_last", "--no-hub_private",
+                                "--no_progress_bar", "--ema_rampup_ratio", "none"])
+    assert (old.channels_last, old.hub_private, old.progress_bar, old.ema_rampup_ratio) == (False, False, False, None)
+
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train_unconditional.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert text.count("(default:") == len(FIELDS) - 2  # every option but the two required ones
+    assert "\n    accelerate launch --config_file" in text  # the script's docstring keeps its layout
+    words = " ".join(text.split())
+    assert "--channels_last, --no_channels_last" in words and "(default: Table 1: adm 30106, ddpmpp 60211" in words
 
 
 def test_training_adam_is_fused_and_follows_the_adam_equations():
     cfg = TrainConfig(dataset="-", output_dir="-", lr=3e-2, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-3)
     param = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
-    optimizer = training.build_adam([param], cfg)
+    optimizer = build_adam([param], cfg)
     assert optimizer.defaults["fused"] is True  # torch 2.13 has the CPU kernel
     expected, m, v = param.detach().clone(), torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for t in range(1, 4):
@@ -164,11 +195,11 @@ def test_nonfinite_gradients_are_zeroed_and_flagged():
     net = Overflowing()
     before = [p.detach().clone() for p in net.parameters()]
     cfg = TrainConfig(dataset="-", output_dir="-", batch_size=2, lr=1e-2, lr_rampup_kimg=0)
-    optimizer = training.build_adam(net.parameters(), cfg)  # the fused kernel, as training uses
+    optimizer = build_adam(net.parameters(), cfg)  # the fused kernel, as training uses
     model, optimizer = accelerator.prepare(net, optimizer)
     images = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
-    flag = training.train_step(accelerator, model, optimizer, DenoisingLoss("edm"), [(images, range(2))], cfg,
-                               batch_layout(2, 1, None), TrainStats(torch.device("cpu")), images_seen=0)
+    flag = train_step(accelerator, model, optimizer, DenoisingLoss("edm"), [(images, range(2))], cfg,
+                      batch_layout(2, 1, None), TrainStats(torch.device("cpu")), images_seen=0)
     assert bool(flag)
     # Zeroed gradients: Adam's first step moves nothing, and nothing became NaN.
     for p, p0 in zip(net.parameters(), before):
@@ -190,12 +221,12 @@ def test_sgd_gradient_is_independent_of_the_chunking(frames16):
     cfg = make_cfg(frames16, "-", batch=8, lr=1.0)  # train_step sets the lr from cfg
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    net0, loss_fn, _ = training._build_components(cfg, 16, 1)
+    net0, loss_fn, _ = build_components(cfg, 16, 1)
 
     # Independent reference: mean over images of each image's pixel-summed loss, image by image.
     ref_net = copy.deepcopy(net0)
     ref_loss = sum(
-        training._compute_loss(loss_fn, ref_net, training.to_float(images[i:i + 1]), positions[i:i + 1], cfg.seed)[0].sum()
+        loss_fn(ref_net, to_float(images[i:i + 1]), generator=image_generators(positions[i:i + 1], cfg.seed))[0].sum()
         for i in range(8)) / 8
     reference = torch.autograd.grad(ref_loss, list(ref_net.parameters()))
 
@@ -205,8 +236,8 @@ def test_sgd_gradient_is_independent_of_the_chunking(frames16):
         layout = batch_layout(8, 1, per_round)
         chunks = [(images[r * per_round:(r + 1) * per_round], positions[r * per_round:(r + 1) * per_round])
                   for r in range(layout.rounds)]
-        training.train_step(accelerator, net, optimizer, loss_fn, chunks, cfg, layout,
-                            TrainStats(torch.device("cpu")), images_seen=0)
+        train_step(accelerator, net, optimizer, loss_fn, chunks, cfg, layout, TrainStats(torch.device("cpu")),
+                   images_seen=0)
         gradient = [p0.detach() - p.detach() for p, p0 in zip(net.parameters(), net0.parameters())]
         for g, ref in zip(gradient, reference):
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
@@ -221,11 +252,11 @@ def fixed_set_loss(net, loss_fn, dataset_path, seed=0, repeats=4):
     """Mean loss of ``net`` on every training image with fixed noise (repeats x per image)."""
     from pipelines.data.echonet_frames import FrameDataset
 
-    images = training.to_float(torch.as_tensor(FrameDataset(dataset_path).images_uint8()))
+    images = to_float(torch.as_tensor(FrameDataset(dataset_path).images_uint8()))
     n = images.shape[0]
     with torch.no_grad():
-        losses = [training._compute_loss(loss_fn, net.eval(), images, range(10**9 + r * n, 10**9 + (r + 1) * n),
-                                         seed)[0].mean() for r in range(repeats)]
+        losses = [loss_fn(net.eval(), images, generator=image_generators(range(10**9 + r * n, 10**9 + (r + 1) * n),
+                                                                        seed))[0].mean() for r in range(repeats)]
     return float(torch.stack(losses).mean())
 
 
@@ -240,7 +271,7 @@ def test_each_preconditioning_trains_and_exports_a_loadable_pipeline(frames16, t
 
     # Loss falls: the exported (EMA) network vs the initial one, on a fixed set with fixed noise.
     torch.manual_seed(cfg.seed)
-    initial, loss_fn, _ = training._build_components(cfg, 16, 1)
+    initial, loss_fn, _ = build_components(cfg, 16, 1)
     pipe = DiffusionPipeline.from_pretrained(str(result.pipeline_dirs[0]), trust_remote_code=True)
     before, after = fixed_set_loss(initial, loss_fn, frames16), fixed_set_loss(pipe.unet, loss_fn, frames16)
     assert after < 0.85 * before, (before, after)
@@ -253,11 +284,15 @@ def test_each_preconditioning_trains_and_exports_a_loadable_pipeline(frames16, t
             assert torch.equal(value, ema[f"ema0/{name}"]), name
     assert any(not torch.equal(exported[n], raw[n]) for n in raw)
     assert pipe.scheduler.config.preconditioning == precond
-    images = pipe(seeds=[0, 1], num_inference_steps=2, output_type="np").images
-    assert images.shape == (2, 16, 16, 1) and images.dtype == np.uint8
+    samples = pipe(seeds=[0, 1], num_inference_steps=2, output_type="latent").images
+    assert samples.shape == (2, 1, 16, 16) and torch.isfinite(samples).all()
 
     card = (result.pipeline_dirs[0] / "README.md").read_text()
     assert "## Training configuration" in card and f"| arch | {arch} |" in card and "| batch_size | 8 |" in card
+    # run_info.json re-renders the card's training section (no README splicing needed).
+    run_info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert (run_info["images_seen"], run_info["steps"], run_info["arch"]) == (240, 30, arch)
+    assert training_card_section(run_info).strip() in card
 
     # Sample grids (4 images of 16x16 -> 32x32) at 120 and 240 kimg x 1e-3.
     grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
@@ -314,7 +349,7 @@ def test_resume_is_bitwise_identical(frames16, tmp_path, straight_run):
     GradientState._reset_state()
     second = train(resume_cfg(frames16, tmp_path, steps=6, resume_from_checkpoint="latest"))
     assert second.images_seen == 48 and second.steps == 6
-    assert [n for n, _ in list_checkpoints(tmp_path / "checkpoints")] == [32, 48]  # total limit 2
+    assert checkpoint_numbers(tmp_path) == [32, 48]  # total limit 2
     raw_a, ema_a = checkpoint_tensors(straight_run.last_checkpoint)
     raw_b, ema_b = checkpoint_tensors(second.last_checkpoint)
     assert_tensors_equal(raw_a, raw_b)
@@ -324,29 +359,69 @@ def test_resume_is_bitwise_identical(frames16, tmp_path, straight_run):
     assert [h["train/loss"] for h in second.history] == [h["train/loss"] for h in straight_run.history[3:]]
 
 
+# Run by the SIGKILL test in a subprocess: train_unconditional.py, killed (SIGKILL) inside its 2nd checkpoint
+# save, after every file of the checkpoint (its state file last) is written and before the folder is renamed
+# into place: the worst moment for a kill.
+KILL_DURING_SECOND_SAVE = """
+import os, signal, sys
+from pipelines.training import checkpoints
+
+fsync_tree, saves = checkpoints.fsync_tree, []
+
+def fsync_tree_then_die(folder):
+    saves.append(folder)
+    if len(saves) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    fsync_tree(folder)
+
+checkpoints.fsync_tree = fsync_tree_then_die
+import train_unconditional
+train_unconditional.main(sys.argv[1:])
+"""
+
+
 def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_usable(frames16, tmp_path, straight_run):
     out = tmp_path / "killed"
     argv = [
-        sys.executable, str(REPO / "train_unconditional.py"), "--dataset", frames16, "--output_dir", str(out),
+        sys.executable, "-c", KILL_DURING_SECOND_SAVE, "--dataset", frames16, "--output_dir", str(out),
         "--arch", "ddpmpp", "--network_overrides", json.dumps(tiny_overrides("ddpmpp")), "--batch_size", "8",
         "--duration_kimg", "0.048", "--lr", "2e-3", "--dropout", "0.1", "--lr_rampup_kimg", "0.04",
         "--ema_halflife_kimg", "0.004", "0.2", "--ema_rampup_ratio", "0.5", "--checkpointing_kimg", "0.016", "--checkpoints_total_limit", "2",
         "--num_sample_images", "2", "--sample_steps", "2", "--snapshot_kimg", "0.016", "--logging_steps", "1",
         "--report_to", "none", "--dataloader_num_workers", "0", "--no_progress_bar", "--mixed_precision", "no",
     ]
-    # Same arguments as resume_cfg; the hook kills the process inside its 2nd save (at 32 images).
-    env = dict(os.environ, **{training.KILL_DURING_SAVE_ENV: "2", "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    # Same arguments as resume_cfg; the 2nd save (at 32 images) is killed.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    leftovers = [p.name for p in (out / "checkpoints").iterdir()]
-    assert ".tmp-checkpoint-000000000032" in leftovers  # the half-written save is there ...
-    assert [n for n, _ in list_checkpoints(out / "checkpoints")] == [16]  # ... but only 16 counts
+    half_written = out / "checkpoints" / ".tmp-checkpoint-000000000032"
+    assert (half_written / TRAINING_STATE_FILE).is_file()  # the killed save had written everything ...
+    assert checkpoint_numbers(out) == [16]  # ... but only the finished checkpoint at 16 counts
     resumed = train(resume_cfg(frames16, out, steps=6, resume_from_checkpoint="latest"))
     assert not any(p.name.startswith(".tmp-") for p in (out / "checkpoints").iterdir())
     raw_a, ema_a = checkpoint_tensors(straight_run.last_checkpoint)
     raw_b, ema_b = checkpoint_tensors(resumed.last_checkpoint)
     assert_tensors_equal(raw_a, raw_b)
     assert_tensors_equal(ema_a, ema_b)
+
+
+def test_checkpoint_store_lists_only_finished_saves_and_keeps_the_newest(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints", "epoch-", 3)
+    for number in (1, 2, 3):
+        store.save(number, lambda folder, n=number: (folder / "weights.txt").write_text(str(n)), {"number": number},
+                   total_limit=2)
+    assert [n for n, _ in store.checkpoints()] == [2, 3]  # total limit 2
+    assert store.read_state(store.latest()) == {"number": 3} and (store.latest() / "weights.txt").read_text() == "3"
+    # A save that died before its rename is never listed, even with its state file written, and is removed.
+    store.begin(4)
+    (store.temp_path(4) / store.state_file).write_text("{}")
+    (store.root / "epoch-005").mkdir()  # a folder without a state file is no checkpoint either
+    assert [n for n, _ in store.checkpoints()] == [2, 3]
+    assert store.remove_partial() == [store.temp_path(4)] and not store.temp_path(4).exists()
+    # Saving a number again replaces that checkpoint.
+    store.save(3, lambda folder: (folder / "weights.txt").write_text("again"), {"number": 3, "again": True})
+    assert (store.path(3) / "weights.txt").read_text() == "again" and store.read_state(store.path(3))["again"]
+    assert not any(p.name.startswith(".tmp-") for p in store.root.iterdir())
 
 
 def dp_cfg(dataset, out, **kw):
@@ -373,8 +448,7 @@ def metrics(out):
 
 def assert_same_training(run_dir, reference):
     raw_a, ema_a = checkpoint_tensors(reference.last_checkpoint)
-    checkpoints = list_checkpoints(Path(run_dir) / "checkpoints")
-    raw_b, ema_b = checkpoint_tensors(checkpoints[-1][1])
+    raw_b, ema_b = checkpoint_tensors(training_checkpoints(run_dir).latest())
     assert_tensors_equal(raw_a, raw_b, exact=False)
     assert_tensors_equal(ema_a, ema_b, exact=False)
     ref_metrics, got = metrics(reference.output_dir), metrics(run_dir)
@@ -410,18 +484,22 @@ def test_two_cpu_processes_data_parallel_match_one_process(frames16, tmp_path, o
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    state = json.loads((list_checkpoints(out / "checkpoints")[-1][1] / "training_state.json").read_text())
-    assert state["world_size"] == 2  # really two processes (accelerate launch --cpu would run one)
-    orders = [json.loads((out / "logs" / f"data_order_rank{r}.json").read_text()) for r in range(2)]
-    reference_order = json.loads((one_chunk_run.output_dir / "logs" / "data_order_rank0.json").read_text())
-    rank_indices = [sum(o["indices"], []) for o in orders]
-    assert all(len(ix) == 4 for ix in rank_indices)  # 2 accumulation rounds of 2 images each
-    assert sorted(rank_indices[0] + rank_indices[1]) == sorted(sum(reference_order["indices"], []))
-    assert rank_indices[0] != rank_indices[1]
+    store = training_checkpoints(out)
+    assert store.read_state(store.latest())["world_size"] == 2  # really two processes (not one, as
+    # accelerate launch --cpu would run)
+    # The two ranks' samplers split each global batch of the one-process run between them, without overlap.
+    from pipelines.data.echonet_frames import FrameDataset
+
+    size = len(FrameDataset(frames16))
+    one_process = iter(RankBatchSampler(size, batch_layout(8, 1, None), rank=0, seed=0))
+    ranks = [iter(RankBatchSampler(size, batch_layout(8, 2, 2), rank=r, seed=0)) for r in range(2)]
+    for _ in range(4):
+        rank0, rank1 = (next(it) + next(it) for it in ranks)  # 2 accumulation rounds of 2 images each
+        assert sorted(rank0 + rank1) == sorted(next(one_process)) and rank0 != rank1
     raw, ema = assert_same_training(out, one_chunk_run)
     # The EMA moved away from the initial weights, and lags the raw weights (issue diffusers#1895).
     torch.manual_seed(0)
-    initial = dict(training._build_components(dp_cfg(frames16, "-"), 16, 1)[0].named_parameters())
+    initial = dict(build_components(dp_cfg(frames16, "-"), 16, 1)[0].named_parameters())
     assert any(not torch.allclose(ema[f"ema0/{k}"], initial[k].detach()) for k in initial)
     assert any(not torch.allclose(ema[f"ema0/{k}"], raw[k]) for k in initial)
 
@@ -432,11 +510,11 @@ def test_two_cpu_processes_data_parallel_match_one_process(frames16, tmp_path, o
 
 def test_auto_mixed_precision_follows_accelerate_config_then_the_cpu(monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    native = training.cpu_has_native_bf16()
-    assert training.resolve_mixed_precision("auto", cpu=True) == ("bf16" if native else "no")
-    assert training.resolve_mixed_precision("no", cpu=True) == "no"  # an explicit choice is kept
+    native = cpu_has_native_bf16()
+    assert resolve_mixed_precision("auto", cpu=True) == ("bf16" if native else "no")
+    assert resolve_mixed_precision("no", cpu=True) == "no"  # an explicit choice is kept
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` exports from its config
-    assert training.resolve_mixed_precision("auto", cpu=True) == "no"
+    assert resolve_mixed_precision("auto", cpu=True) == "no"
     assert TrainConfig(dataset="-", output_dir="-").mixed_precision == "auto"
 
 
@@ -454,8 +532,8 @@ def test_bf16_on_cpu_and_memory_options_train(frames16, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     bf16 = train(make_cfg(frames16, tmp_path / "bf16", steps=2, num_sample_images=0,
-                          mixed_precision="auto" if training.cpu_has_native_bf16() else "bf16"))
-    saved = json.loads((bf16.last_checkpoint / training.STATE_FILE).read_text())["config"]
+                          mixed_precision="auto" if cpu_has_native_bf16() else "bf16"))
+    saved = json.loads((bf16.last_checkpoint / TRAINING_STATE_FILE).read_text())["config"]
     assert saved["mixed_precision"] == "bf16"  # "auto" is stored resolved, so a resume compares like with like
     bf16_norms = [h["train/grad_norm"] for h in bf16.history]
     # bf16 autocast really ran (the gradient differs from fp32), and stays close to it.
@@ -474,7 +552,7 @@ def test_accelerate_configs_load_and_launch_sets_the_auto_precision(tmp_path):
             assert config.dynamo_config["dynamo_backend"] == "INDUCTOR", name
     # `accelerate launch` exports the config's precision, and "auto" takes it.
     script = tmp_path / "which_precision.py"
-    script.write_text("from pipelines.training.loop import resolve_mixed_precision\n"
+    script.write_text("from pipelines.training import resolve_mixed_precision\n"
                       "print('precision', resolve_mixed_precision('auto', cpu=True))\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("ACCELERATE_MIXED_PRECISION", None)
@@ -507,14 +585,16 @@ def test_compiled_training_tracks_eager_and_checkpoints(frames16, tmp_path):
 
 
 class FakeHfApi:
+    """Records what would be uploaded (huggingface_hub's HfApi calls, offline)."""
+
     def __init__(self):
         self.calls = []
 
-    def create_repo(self, repo_id, private, exist_ok, repo_type):
+    def create_repo(self, repo_id, private, exist_ok, repo_type, **kwargs):
         self.calls.append(("create_repo", repo_id, private))
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
-    def upload_folder(self, repo_id, folder_path, repo_type, commit_message):
+    def upload_folder(self, repo_id, folder_path, repo_type, **kwargs):
         files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
         self.calls.append(("upload_folder", repo_id, files))
 
@@ -525,12 +605,12 @@ def test_push_to_hub_uploads_the_exported_pipeline(frames16, tmp_path):
                             hub_model_id="me/echodiff-tiny", hub_private=True), hub_api=api)
     assert api.calls[0] == ("create_repo", "me/echodiff-tiny", True)
     assert api.calls[1][:2] == ("upload_folder", "me/echodiff-tiny")
-    assert api.calls[1][2] == sorted([
-        "README.md", "model_index.json", "pipeline_echodiff.py", "scheduler/preconditioning.py",
-        "scheduler/scheduler_config.json",
-        "scheduler/scheduling_edm_heun.py", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-        "unet/unet_song.py"])
-    assert "me/echodiff-tiny" in (result.pipeline_dirs[0] / "README.md").read_text()
+    exported = result.pipeline_dirs[0]
+    assert exported == tmp_path / "pipeline"
+    # Exactly the saved pipeline folder (whatever code files it carries), with its model card.
+    assert api.calls[1][2] == sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file())
+    assert {"README.md", "model_index.json", "unet/diffusion_pytorch_model.safetensors"} <= set(api.calls[1][2])
+    assert "me/echodiff-tiny" in (exported / "README.md").read_text()
 
 
 def cli(dataset, out, *extra):

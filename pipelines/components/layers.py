@@ -247,3 +247,26 @@ def drop_labels(labels: torch.Tensor, probability: float, training: bool) -> tor
         return labels
     keep = torch.rand(labels.shape[0], 1, device=labels.device) >= probability
     return labels * keep.to(labels.dtype)
+
+
+class EDMUNetMixin:
+    """What both EDM UNets do around their blocks: input checks, the compute dtype, the embedding, checkpointing.
+
+    The model class provides ``config`` (in_channels, label_dim), ``dtype`` and ``_embedding(t, labels, dtype)``.
+    """
+
+    def prepare_inputs(self, sample: torch.Tensor, timestep, class_labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sample in the compute dtype, embedding of c_noise and the labels)."""
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(f"sample must have shape (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}")
+        dtype = self.dtype  # the compute dtype, also under diffusers' layerwise casting
+        if not torch.is_autocast_enabled(sample.device.type):
+            sample = sample.to(dtype)
+        t = prepare_timestep(timestep, sample)
+        labels = prepare_labels(class_labels, self.config.label_dim, sample)
+        return sample, self._embedding(t, labels, dtype)
+
+    def _block(self, block, x, emb):
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, x, emb)
+        return block(x, emb)

@@ -17,17 +17,16 @@ from torch import nn
 
 from .layers import (
     Conv2d,
+    EDMUNetMixin,
     Linear,
     PositionalEmbedding,
     UNetBlock,
     drop_labels,
     group_norm,
-    prepare_labels,
-    prepare_timestep,
 )
 
 
-class ADMUNet2DModel(ModelMixin, ConfigMixin):
+class ADMUNet2DModel(EDMUNetMixin, ModelMixin, ConfigMixin):
     """ADM UNet F(x, c_noise) of Dhariwal & Nichol (2021), as re-implemented in NVlabs EDM.
 
     Scale-shift (adaptive) group norm, attention with ``channels_per_head`` channels per head at
@@ -113,11 +112,6 @@ class ADMUNet2DModel(ModelMixin, ConfigMixin):
         self.out_norm = group_norm(cout, eps=1e-5)
         self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
 
-    def _block(self, block, x, emb):
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, x, emb)
-        return block(x, emb)
-
     def _embedding(self, timestep: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         emb = self.map_noise(timestep).to(dtype)  # ADM order: [cos, sin]
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
@@ -129,14 +123,7 @@ class ADMUNet2DModel(ModelMixin, ConfigMixin):
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True):
         """sample (B, C, H, W); timestep: c_noise, (B,) or scalar; class_labels (B, label_dim) if label_dim > 0."""
-        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
-            raise ValueError(f"sample must have shape (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}")
-        dtype = self.dtype  # the compute dtype, also under diffusers' layerwise casting
-        if not torch.is_autocast_enabled(sample.device.type):
-            sample = sample.to(dtype)
-        t = prepare_timestep(timestep, sample)
-        labels = prepare_labels(class_labels, self.config.label_dim, sample)
-        emb = self._embedding(t, labels, dtype)
+        sample, emb = self.prepare_inputs(sample, timestep, class_labels)
 
         x = sample
         skips = []

@@ -18,6 +18,7 @@ from torch import nn
 from .layers import (
     SQRT_HALF,
     Conv2d,
+    EDMUNetMixin,
     FourierEmbedding,
     Linear,
     PositionalEmbedding,
@@ -25,12 +26,10 @@ from .layers import (
     UNetBlock,
     drop_labels,
     group_norm,
-    prepare_labels,
-    prepare_timestep,
 )
 
 
-class SongUNet2DModel(ModelMixin, ConfigMixin):
+class SongUNet2DModel(EDMUNetMixin, ModelMixin, ConfigMixin):
     """DDPM++ / NCSN++ UNet F(x, c_noise) of Song et al. (2021), as re-implemented in NVlabs EDM.
 
     DDPM++: ``embedding_type="positional", channel_mult_noise=1, encoder_type="standard", resample_filter=(1, 1)``;
@@ -137,11 +136,6 @@ class SongUNet2DModel(ModelMixin, ConfigMixin):
                 self.dec[f"{res}x{res}_aux_norm"] = group_norm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
 
-    def _block(self, block, x, emb):
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, x, emb)
-        return block(x, emb)
-
     def _embedding(self, timestep: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         emb = self.map_noise(timestep)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # DDPM++/NCSN++ order: [sin, cos]
@@ -155,14 +149,7 @@ class SongUNet2DModel(ModelMixin, ConfigMixin):
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True):
         """sample (B, C, H, W); timestep: c_noise, (B,) or scalar; class_labels (B, label_dim) if label_dim > 0."""
-        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
-            raise ValueError(f"sample must have shape (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}")
-        dtype = self.dtype  # the compute dtype, also under diffusers' layerwise casting
-        if not torch.is_autocast_enabled(sample.device.type):
-            sample = sample.to(dtype)
-        t = prepare_timestep(timestep, sample)
-        labels = prepare_labels(class_labels, self.config.label_dim, sample)
-        emb = self._embedding(t, labels, dtype)
+        sample, emb = self.prepare_inputs(sample, timestep, class_labels)
 
         x = aux = sample
         skips = []

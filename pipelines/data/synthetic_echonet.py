@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
-import multiprocessing
 import os
 import zlib
 from collections.abc import Sequence
@@ -29,9 +29,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipelines.utils import atomic_write
+
+from .layout import FILELIST_COLUMNS, TRACING_COLUMNS, worker_context
+
 FRAME_SIZE = 112
-FILELIST_COLUMNS = ["FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split"]
-TRACING_COLUMNS = ["FileName", "X1", "Y1", "X2", "Y2", "Frame"]
 NUM_CHORDS = 20
 # 6:1:1 per block of 8 videos ~ EchoNet's 7,465 / 1,288 / 1,277 and gives tiny sets every split.
 _SPLIT_PATTERN = ("TRAIN",) * 6 + ("VAL", "TEST")
@@ -215,6 +217,21 @@ def _signed_distance(u, v, cu, cv, semi_u, semi_v):
     return (rho - 1) * rho / grad
 
 
+def _speckle(rng: np.random.Generator, n: int, sigma: float, corr: float) -> np.ndarray:
+    """Speckle of ``n`` frames, mean 1: a temporally correlated complex Gaussian field, blurred wider
+    across the beam, its magnitude."""
+    field = rng.standard_normal((n, 2, FRAME_SIZE, FRAME_SIZE), dtype=np.float32)
+    for t in range(1, n):
+        field[t] = corr * field[t - 1] + math.sqrt(1 - corr * corr) * field[t]
+    speckle = np.empty((n, FRAME_SIZE, FRAME_SIZE), np.float32)
+    for t in range(n):
+        re = cv2.GaussianBlur(field[t, 0], (0, 0), sigmaX=1.4 * sigma, sigmaY=0.8 * sigma)
+        im = cv2.GaussianBlur(field[t, 1], (0, 0), sigmaX=1.4 * sigma, sigmaY=0.8 * sigma)
+        speckle[t] = np.sqrt(re * re + im * im)
+    speckle /= speckle.mean() + 1e-6
+    return speckle
+
+
 def render_video(p: dict) -> np.ndarray:
     """Grayscale frames uint8 (T, 112, 112) of the video described by ``p`` (see sample_video_params)."""
     rng = _video_rng(p["seed"], p["style_key"], p["index"], 2)
@@ -279,32 +296,13 @@ def render_video(p: dict) -> np.ndarray:
              + (1 - inside) * (tissue + p["wall_level"] * wall_band + pericardium * p["wall_level"])
              + 0.6 * leaflet)
 
-    # Speckle: temporally correlated complex Gaussian field, blurred wider across the beam.
-    sigma = p["speckle_sigma"]
-    field = rng.standard_normal((n, 2, FRAME_SIZE, FRAME_SIZE), dtype=np.float32)
-    corr = p["speckle_corr"]
-    for t in range(1, n):
-        field[t] = corr * field[t - 1] + math.sqrt(1 - corr * corr) * field[t]
-    speckle = np.empty((n, FRAME_SIZE, FRAME_SIZE), np.float32)
-    for t in range(n):
-        re = cv2.GaussianBlur(field[t, 0], (0, 0), sigmaX=1.4 * sigma, sigmaY=0.8 * sigma)
-        im = cv2.GaussianBlur(field[t, 1], (0, 0), sigmaX=1.4 * sigma, sigmaY=0.8 * sigma)
-        speckle[t] = np.sqrt(re * re + im * im)
-    speckle /= speckle.mean() + 1e-6
-
+    speckle = _speckle(rng, n, p["speckle_sigma"], p["speckle_corr"])
     depth = rr / FRAME_SIZE
     profile = p["gain"] * np.exp(-p["attenuation"] * depth) * (1 + 0.5 * depth)
     clutter = 0.35 * np.exp(-rr / 7.0)
     image = (image * profile + clutter) * speckle + 0.02 * speckle
     image = np.clip(image, 0, 1) ** p["gamma"] * sector
     return np.round(image * 255).astype(np.uint8)
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """fork where the platform has it: callers' scripts then need no ``__main__`` guard (spawn would);
-    the children use only numpy and OpenCV (single-threaded), never the parent's torch threads."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
 def _write_one_video(task: tuple) -> tuple[list, list]:
@@ -365,12 +363,11 @@ def write_synthetic_echonet(out_dir: str | os.PathLike, num_videos: int = 200, s
     tracings = [t for name in names for t in by_name[name]]
     # FileList.csv last (and each CSV atomically): its presence marks a complete folder.
     for name, header, body in (("VolumeTracings.csv", TRACING_COLUMNS, tracings), ("FileList.csv", FILELIST_COLUMNS, rows)):
-        tmp = out / f".{name}.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(body)
-        os.replace(tmp, out / name)
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(header)
+        writer.writerows(body)
+        atomic_write(out / name, lambda handle, text=text: handle.write(text.getvalue().encode()))
     if progress:
         print(f"wrote {num_videos} synthetic videos to {out}")
     return out

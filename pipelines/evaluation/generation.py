@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.utils import to_uint8
+from pipelines.utils import atomic_save_npz, atomic_write_json, to_uint8
 
 SHARD_GLOB = "shard-*.npz"
 RUN_FILE = "generation.json"
@@ -69,12 +69,9 @@ def finished_seeds(out_dir: str | os.PathLike) -> set[int]:
 
 
 def _write_shard(out_dir: Path, images: np.ndarray, seeds: Sequence[int]) -> Path:
-    path = out_dir / f"shard-{seeds[0]:09d}-n{len(seeds)}.npz"
-    tmp = out_dir / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as handle:
-        np.savez(handle, images=images, seeds=np.asarray(seeds, dtype=np.int64))
-    os.replace(tmp, path)
-    return path
+    # atomic_write's temporary ".shard-*.tmp-<pid>" is what generate_images clears after a kill.
+    return atomic_save_npz(out_dir / f"shard-{seeds[0]:09d}-n{len(seeds)}.npz", images=images,
+                           seeds=np.asarray(seeds, dtype=np.int64))
 
 
 def _normalise(obj: Any) -> Any:
@@ -91,9 +88,7 @@ def _check_run_file(out_dir: Path, run: dict) -> None:
             raise ValueError(f"'{out_dir}' holds images generated with other settings ({'; '.join(diffs)}); "
                              "use another output folder")
     else:
-        tmp = out_dir / f".{RUN_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(run, indent=1, sort_keys=True))
-        os.replace(tmp, run_file)
+        atomic_write_json(run_file, run, indent=1, sort_keys=True)
 
 
 def generate_images(pipeline: Any, out_dir: str | os.PathLike, seeds: str | Iterable[int], batch_size: int = 32,
@@ -223,28 +218,3 @@ def _to_nchw(images: np.ndarray, name: str) -> np.ndarray:
     if images.shape[-1] in (1, 3):
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     raise ValueError(f"images in '{name}' must have 1 or 3 channels, got shape {images.shape}")
-
-
-def save_image_grid(images: np.ndarray | torch.Tensor, path: str | os.PathLike, nrow: int = 8,
-                    padding: int = 2) -> Path:
-    """Save uint8 (N, C, H, W) images (C = 1 or 3) as one PNG grid with ``nrow`` images per row."""
-    from PIL import Image
-
-    images = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
-        raise ValueError(f"images must be non-empty uint8 (N, C, H, W) with C = 1 or 3, got "
-                         f"{images.dtype} {images.shape}")
-    if nrow < 1:
-        raise ValueError(f"nrow must be >= 1, got {nrow}")
-    count, channels, height, width = images.shape
-    cols = min(nrow, count)
-    rows = -(-count // cols)
-    grid = np.zeros((channels, rows * (height + padding) + padding, cols * (width + padding) + padding), np.uint8)
-    for i, image in enumerate(images):
-        top = padding + (i // cols) * (height + padding)
-        left = padding + (i % cols) * (width + padding)
-        grid[:, top:top + height, left:left + width] = image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[0] if channels == 1 else grid.transpose(1, 2, 0)).save(path)
-    return path

@@ -20,7 +20,6 @@ whatever the number of frames.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -30,9 +29,17 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from pipelines.utils import (
+    MODEL_CARDS_DIR,
+    atomic_save_npz,
+    atomic_write_json,
+    atomic_write_text,
+    check_uint8_images,
+)
+
 FEATURE_SPACES = ("pixel", "inception")
 COMBINE_RULES = ("any", "all")
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "audit_section.md"
+DEFAULT_TEMPLATE = MODEL_CARDS_DIR / "audit_section.md"
 
 FeatureFn = Callable[[str, np.ndarray], np.ndarray]
 
@@ -40,16 +47,6 @@ FeatureFn = Callable[[str, np.ndarray], np.ndarray]
 # --------------------------------------------------------------------------------------------------
 # Features and nearest neighbours
 # --------------------------------------------------------------------------------------------------
-def check_images(images: np.ndarray, name: str) -> np.ndarray:
-    """Validate a uint8 (N, C, H, W) array, naming ``name`` in the error."""
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-        got = f"{type(images).__name__} {getattr(images, 'dtype', '')} shape {getattr(images, 'shape', '')}"
-        raise ValueError(f"{name}: expected a uint8 numpy array of shape (N, C, H, W), got {got}")
-    if len(images) == 0:
-        raise ValueError(f"{name}: no images")
-    return images
-
-
 def normalize_rows(features: np.ndarray) -> np.ndarray:
     """float32 rows scaled to unit L2 norm (all-zero rows stay zero: similarity 0 to everything)."""
     features = np.asarray(features, dtype=np.float32)
@@ -114,24 +111,10 @@ def default_inception_fn(batch_size: int = 64) -> FeatureFn:
     return compute
 
 
-class ArrayFrames:
-    """A uint8 array seen as a frame dataset (``len``, ``images_uint8``), so that
-    ``pipelines.evaluation.fid.dataset_features`` can cache its Inception features on disk."""
-
-    def __init__(self, images: np.ndarray, name: str):
-        self.images = check_images(images, name)
-        self.name = name
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def images_uint8(self, indices=None) -> np.ndarray:
-        return self.images if indices is None else self.images[np.asarray(indices, dtype=np.int64)]
-
-
 @dataclass
 class FrameSource:
-    """Frames ``dataset.images_uint8(indices)`` of a dataset-like object (a FrameDataset split, ArrayFrames)."""
+    """Frames ``dataset.images_uint8(indices)`` of a dataset-like object (a FrameDataset split,
+    ``pipelines.evaluation.feature_cache.ArrayFrames``)."""
 
     dataset: object
     indices: np.ndarray
@@ -141,13 +124,14 @@ class FrameSource:
 def cached_inception_fn(sources: dict, cache_dir: str | os.PathLike, batch_size: int = 64,
                         progress: bool = False) -> FeatureFn:
     """Inception features per role from ``sources[role]`` (a list of FrameSource, concatenated), through
-    the per-frame on-disk cache of ``pipelines.evaluation.fid``: an interrupted run keeps finished chunks and
-    a rerun (e.g. another generated set against the same training split) reuses them."""
+    the on-disk cache of ``pipelines.evaluation.feature_cache``: an interrupted run keeps finished chunks
+    and a rerun (e.g. another generated set against the same training split) reuses them."""
     detector = None
 
     def compute(role: str, images: np.ndarray) -> np.ndarray:
         nonlocal detector
-        from pipelines.evaluation.fid import InceptionDetector, dataset_features
+        from pipelines.evaluation.feature_cache import dataset_features
+        from pipelines.evaluation.fid import InceptionDetector
 
         if detector is None:
             detector = InceptionDetector()
@@ -258,9 +242,11 @@ def audit_memorization(
     ``inception_fn(role, images) -> (N, 2048)`` computes Inception features for role "train", "heldout"
     or "generated" (default: :func:`default_inception_fn`; pass a cached one for large sets).
     """
-    check_images(train_images, "train images")
-    check_images(heldout_images, "held-out images")
-    check_images(generated_images, "generated images")
+    for images, name in ((train_images, "train images"), (heldout_images, "held-out images"),
+                         (generated_images, "generated images")):
+        if not isinstance(images, np.ndarray):  # the pixel space reshapes numpy arrays
+            raise ValueError(f"{name}: expected a uint8 numpy array of shape (N, C, H, W), got {type(images).__name__}")
+        check_uint8_images(images, name, channels=None)
     shapes = {train_images.shape[1:], heldout_images.shape[1:], generated_images.shape[1:]}
     if len(shapes) != 1:
         raise ValueError(f"train, held-out and generated images must share (C, H, W), got {sorted(shapes)}")
@@ -415,11 +401,7 @@ def write_filtered(generated_images: np.ndarray, keep: np.ndarray, path: str | o
     arrays = {"images": generated_images[indices], "indices": indices}
     if seeds is not None:
         arrays["seeds"] = np.asarray(seeds)[indices]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)
-    return path
+    return atomic_save_npz(path, **arrays)
 
 
 def render_audit_section(summary: dict, template_path: str | os.PathLike | None = None) -> str:
@@ -469,7 +451,7 @@ def run_memorization_audit(
         arrays.update({f"{space}_similarity": result.generated_similarity,
                        f"{space}_neighbour": result.generated_neighbour,
                        f"{space}_heldout_similarity": result.heldout_similarity})
-    np.savez(out_dir / "neighbours.npz", **arrays)
+    atomic_save_npz(out_dir / "neighbours.npz", **arrays)
     files = {"neighbours": "neighbours.npz", "grid": "closest_pairs.png"}
     save_pair_grid(summary["closest_pairs"], generated_images, lambda idx: train_images[idx],
                    out_dir / "closest_pairs.png")
@@ -478,9 +460,9 @@ def run_memorization_audit(
         files["filtered"] = "filtered.npz"
         summary["num_kept"] = int((~audit.flagged).sum())
     summary["files"] = files
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out_dir / "summary.json", summary)
     if DEFAULT_TEMPLATE.is_file():
-        (out_dir / "audit_section.md").write_text(render_audit_section(summary))
+        atomic_write_text(out_dir / "audit_section.md", render_audit_section(summary))
     log(f"memorization rate {100 * audit.memorization_rate:.2f}% ({summary['num_flagged']} of "
         f"{summary['num_generated']}); thresholds {summary['thresholds']}")
     return summary

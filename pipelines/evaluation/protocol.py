@@ -7,14 +7,14 @@
 - ``fid_vs_nfe``: FID over sampler step counts (NFE = 2N - 1 for EDM's Heun sampler), CSV + PNG.
 - ``variance_study``: the paper's two experiments (real subsample varied / generation varied).
 
-Real-frame features are cached per frame (``FeatureCache``), generated features per shard, so
-every experiment reuses what earlier ones computed and an interrupted run loses little.
+Inception features go through one cache (``pipelines.evaluation.feature_cache``): per real frame and
+per generation shard, so every experiment reuses what earlier ones computed and an interrupted run
+loses little.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -23,75 +23,26 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.evaluation.feature_cache import dataset_features, shard_features
 from pipelines.evaluation.fid import (
-    DETECTOR_ID,
-    FeatureStatistics,
     InceptionDetector,
     compute_features,
-    dataset_features,
     feature_statistics,
     frechet_distance,
     kernel_inception_distance,
+)
+from pipelines.evaluation.generation import SHARD_GLOB, generate_images, parse_seeds, read_shard
+from pipelines.evaluation.reference import (
+    FeatureStatistics,
     real_subsample_indices,
     reference_fingerprint,
     reference_statistics,
 )
-from pipelines.evaluation.generation import SHARD_GLOB, generate_images, parse_seeds, read_shard
+from pipelines.utils import seeded_subset
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("ECHODIFF_CACHE", Path.home() / ".cache" / "echodiff"))
 DEFAULT_NUM_REAL = 50_000
 DEFAULT_NUM_GEN = 50_000
-
-
-# --------------------------------------------------------------------------------------------------
-# Sources: real frames, pipelines, image sets
-# --------------------------------------------------------------------------------------------------
-class _ConcatFrames:
-    """Several splits of a frame dataset read as one (the paper's reference uses all frames)."""
-
-    def __init__(self, parts: Sequence[Any], split: str):
-        self.parts, self.split = list(parts), split
-        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-        self.resolution, self.channels = self.parts[0].resolution, self.parts[0].channels
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def images_uint8(self, indices: Sequence[int] | None = None) -> np.ndarray:
-        indices = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
-        which = np.searchsorted(self.offsets, indices, side="right") - 1
-        out = np.empty((len(indices), self.channels, self.resolution, self.resolution), np.uint8)
-        for k, part in enumerate(self.parts):
-            mask = which == k
-            if mask.any():
-                out[mask] = part.images_uint8(indices[mask] - self.offsets[k])
-        return out
-
-    def column(self, name: str) -> np.ndarray:
-        return np.concatenate([p.column(name) for p in self.parts])
-
-
-def load_frames(path_or_hub_id: str | os.PathLike, split: str = "train") -> Any:
-    """A ``FrameDataset``; ``split`` may also be ``"all"`` or a comma list (``"train,validation"``)."""
-    from pipelines.data.echonet_frames import FrameDataset
-
-    names = ["train", "validation", "test"] if split == "all" else [s.strip() for s in split.split(",") if s.strip()]
-    if not names:
-        raise ValueError(f"split must name a split, 'all' or a comma list, got {split!r}")
-    parts = [FrameDataset(path_or_hub_id, split=name) for name in names]
-    frames = parts[0] if len(parts) == 1 else _ConcatFrames(parts, split)
-    local = Path(path_or_hub_id).expanduser()
-    frames.source = str(local.resolve()) if local.exists() else str(path_or_hub_id)
-    return frames
-
-
-def is_image_source(source: str | os.PathLike) -> bool:
-    """True for an ``.npz`` file or a folder of generation shards / PNGs (else: a pipeline)."""
-    path = Path(source)
-    if path.is_file():
-        return path.suffix == ".npz"
-    return path.is_dir() and (any(path.glob(SHARD_GLOB)) or any(path.glob("*.png"))) \
-        and not (path / "model_index.json").exists()
 
 
 def default_device() -> str:
@@ -124,46 +75,9 @@ def reference_for(frames: Any, num_real: int | None = DEFAULT_NUM_REAL, seed: in
 def real_features(frames: Any, indices: Sequence[int], detector: InceptionDetector | None,
                   cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR, batch_size: int = 32,
                   progress: bool = True) -> np.ndarray:
+    """Features of real frames ``indices``, through the per-frame cache in ``cache_dir``."""
     return dataset_features(frames, indices, detector, cache_dir=cache_dir, batch_size=batch_size,
                             split=getattr(frames, "split", None), progress=progress)
-
-
-def sample_features(samples_dir: str | os.PathLike, seeds: Sequence[int] | str,
-                    detector: InceptionDetector | None = None, batch_size: int = 32,
-                    progress: bool = True) -> np.ndarray:
-    """Features (float64) of the given seeds of a shard folder; computed per shard and cached beside it."""
-    samples_dir = Path(samples_dir)
-    wanted = np.asarray(parse_seeds(seeds), dtype=np.int64)
-    feature_dir = samples_dir / "features"
-    feature_dir.mkdir(exist_ok=True)
-    detector = detector if detector is not None else InceptionDetector()
-    by_seed: dict[int, np.ndarray] = {}
-    wanted_set = set(wanted.tolist())
-    shards = sorted(samples_dir.glob(SHARD_GLOB))
-    from tqdm.auto import tqdm
-
-    for shard in tqdm(shards, desc="generated features (per shard)", disable=not progress):
-        seeds_in = read_shard(shard, "seeds")
-        if not wanted_set.intersection(seeds_in.tolist()):
-            continue
-        cached = feature_dir / f"{shard.stem}.npz"
-        feats = None
-        if cached.exists():
-            with np.load(cached, allow_pickle=False) as data:
-                if str(data["detector"]) == DETECTOR_ID and np.array_equal(data["seeds"], seeds_in):
-                    feats = data["features"]
-        if feats is None:
-            feats = compute_features(read_shard(shard, "images"), detector, batch_size=batch_size).astype(np.float32)
-            tmp = feature_dir / f".{cached.name}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as handle:
-                np.savez(handle, features=feats, seeds=seeds_in, detector=np.array(DETECTOR_ID))
-            os.replace(tmp, cached)
-        for s, f in zip(seeds_in.tolist(), feats):
-            by_seed[s] = f
-    absent = [int(s) for s in wanted if int(s) not in by_seed]
-    if absent:
-        raise ValueError(f"'{samples_dir}' lacks {len(absent)} of the requested seeds (first: {absent[:5]})")
-    return np.stack([by_seed[int(s)] for s in wanted]).astype(np.float64)
 
 
 def scores(gen_features: np.ndarray, reference: FeatureStatistics, real_feats: np.ndarray | None = None,
@@ -215,7 +129,7 @@ def fid_of_samples(pipeline: Any, samples_dir: str | os.PathLike, seeds: str | S
     first_shard = next(iter(sorted(Path(samples_dir).glob(SHARD_GLOB))))
     _check_compatible(read_shard(first_shard, "images").shape[1:], frames)
     reference = reference_for(frames, num_real, subsample_seed, stats_path, cache_dir, detector, batch_size, progress)
-    gen = sample_features(samples_dir, seeds, detector, batch_size, progress)
+    gen = shard_features(samples_dir, seeds, detector, batch_size, progress)
     real = _kid_real_features(frames, num_real, subsample_seed, detector, cache_dir, batch_size, progress) if kid else None
     return {**scores(gen, reference, real), "num_inference_steps": num_inference_steps,
             "nfe": 2 * num_inference_steps - 1, "seeds": _seed_summary(seeds), "samples_dir": str(samples_dir),
@@ -268,10 +182,9 @@ def frame_level_halves(num_frames: int, seed: int = 0) -> tuple[np.ndarray, np.n
     return np.sort(perm[:half]), np.sort(perm[half:2 * half])
 
 
-def _cap(indices: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
-    if cap is None or len(indices) <= cap:
-        return indices
-    return np.sort(np.random.default_rng(seed).choice(indices, size=cap, replace=False))
+def _cap(half: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    """A seeded subset of at most ``cap`` of the (sorted) frame indices ``half``."""
+    return half[seeded_subset(len(half), cap, seed)]
 
 
 def optimal_fid(frames: Any, seed: int = 0, max_per_half: int | None = None,
@@ -377,7 +290,7 @@ def variance_study(pipeline: Any, frames: Any, out_dir: str | os.PathLike, repea
     if num_real is None or num_real >= len(frames):
         warnings.warn(f"the real subsample ({num_real}) covers all {len(frames)} frames: experiment A's redraws are "
                       "identical, so its spread is 0", stacklevel=2)
-    fixed_gen = sample_features(samples_dir, all_seeds[:num_gen], detector, batch_size, progress)
+    fixed_gen = shard_features(samples_dir, all_seeds[:num_gen], detector, batch_size, progress)
     mu_g, sigma_g = feature_statistics(fixed_gen)
     fids_a = []
     for r in range(repeats):
@@ -388,7 +301,7 @@ def variance_study(pipeline: Any, frames: Any, out_dir: str | os.PathLike, repea
     mu_r, sigma_r = feature_statistics(real_features(frames, idx, detector, cache_dir, batch_size, progress))
     fids_b = []
     for r in range(repeats):
-        feats = sample_features(samples_dir, all_seeds[r * num_gen:(r + 1) * num_gen], detector, batch_size, progress)
+        feats = shard_features(samples_dir, all_seeds[r * num_gen:(r + 1) * num_gen], detector, batch_size, progress)
         mu_g, sigma_g = feature_statistics(feats)
         fids_b.append(frechet_distance(mu_g, sigma_g, mu_r, sigma_r))
     return {"num_inference_steps": num_inference_steps, "nfe": 2 * num_inference_steps - 1, "repeats": repeats,
@@ -396,22 +309,3 @@ def variance_study(pipeline: Any, frames: Any, out_dir: str | os.PathLike, repea
             "generated_fixed_real_varied": _mean_std(fids_a), "real_fixed_generation_varied": _mean_std(fids_b),
             "std": "sample standard deviation (ddof=1)", "paper_18_steps": {"generated_fixed_real_varied": "4.02 +- 0.045",
                                                                              "real_fixed_generation_varied": "4.05 +- 0.001"}}
-
-
-def write_json(result: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, default=_json_default))
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return repr(obj)

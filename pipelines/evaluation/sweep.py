@@ -38,13 +38,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.training.loop import ARCH_NAMES, PRECOND_NAMES, ConfigError, TrainConfig
+from pipelines.training.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    config_to_cli_args,
+    validate_config,
+)
+from pipelines.utils import REPO_ROOT, atomic_write_json, atomic_write_text
 
+# Display names in the table (the paper's spelling).
 MODEL_NAMES = {"adm": "ADM", "ddpmpp": "DDPM++", "ncsnpp": "NCSN++"}
 SAMPLER_NAMES = {"edm": "EDM", "vp": "VP", "ve": "VE"}
 RESULT_FILE = "result.json"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # Set by the sweep itself, per run: not allowed in the config's train: section or a run.
 SWEEP_OWNED = {"dataset", "output_dir", "resume_from_checkpoint"}
 RUN_KEYS = {"name", "paper_fid"}
@@ -74,22 +80,17 @@ class SweepConfig:
     def train_config(self, run: SweepRun) -> TrainConfig:
         values = {**self.train, **run.train, "dataset": self.dataset,
                   "output_dir": str(Path(self.output_dir) / run.name / "train"), "resume_from_checkpoint": "latest"}
-        if "ema_halflife_kimg" in values:
-            halflife = values["ema_halflife_kimg"]
-            values["ema_halflife_kimg"] = tuple(halflife) if isinstance(halflife, (list, tuple)) else (halflife,)
-        return TrainConfig(**values)
+        return config_from_dict(values, f"run {run.name!r}")
 
 
 def _check_train_fields(values: Any, where: str) -> dict[str, Any]:
+    """``values`` as a dict if they are TrainConfig fields the sweep leaves to its config."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of TrainConfig fields, got {type(values).__name__}")
-    unknown = sorted(set(values) - TRAIN_FIELDS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown training setting(s) {unknown}; expected fields of "
-                          f"pipelines.training.TrainConfig such as batch_size, duration_kimg, network_overrides")
     owned = sorted(set(values) & SWEEP_OWNED)
     if owned:
         raise ConfigError(f"{where}: {owned} are set by the sweep (dataset / output_dir at the top level)")
+    config_from_dict({**values, "dataset": "-", "output_dir": "-"}, where)  # unknown field names fail here
     return dict(values)
 
 
@@ -121,13 +122,9 @@ def parse_sweep_config(data: dict[str, Any], source: str = "<config>") -> SweepC
         where = f"{source}: runs[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected a mapping, got {entry!r}")
-        fields = {k: v for k, v in entry.items() if k not in RUN_KEYS}
-        fields = _check_train_fields(fields, where)
-        arch, precond = fields.get("arch", train.get("arch")), fields.get("precond", train.get("precond"))
-        if arch not in ARCH_NAMES or precond not in PRECOND_NAMES:
-            raise ConfigError(f"{where}: arch must be one of {list(ARCH_NAMES)} and precond one of "
-                              f"{list(PRECOND_NAMES)}, got arch={arch!r} precond={precond!r}")
-        name = str(entry.get("name") or f"{arch}-{precond}")
+        fields = _check_train_fields({k: v for k, v in entry.items() if k not in RUN_KEYS}, where)
+        merged = config_from_dict({**train, **fields, "dataset": "-", "output_dir": "-"}, where)
+        name = str(entry.get("name") or f"{merged.arch}-{merged.precond}")
         if name in names or "/" in name or name.startswith("."):
             raise ConfigError(f"{where}: run name {name!r} is repeated or not a plain folder name")
         names.add(name)
@@ -137,8 +134,6 @@ def parse_sweep_config(data: dict[str, Any], source: str = "<config>") -> SweepC
         raise ConfigError(f"{source}: launcher: expected a command string or null, got {launcher!r}")
     config = SweepConfig(dataset=str(data["dataset"]), output_dir=str(data["output_dir"]), runs=runs, train=train,
                          evaluation=evaluation, launcher=launcher, source=source, raw=data)
-    from pipelines.training.loop import validate_config
-
     for run in runs:  # every run's settings are checked before the first one trains
         try:
             validate_config(config.train_config(run))
@@ -171,52 +166,24 @@ def load_sweep_config(path: str | os.PathLike, **overrides: Any) -> SweepConfig:
 # training
 
 
-def train_cli_args(cfg: TrainConfig) -> list[str]:
-    """``train_unconditional.py`` flags that reproduce ``cfg`` (its parser maps flags 1:1 to fields)."""
-    defaults = TrainConfig(dataset="", output_dir="")
-    store_true = {"compile", "allow_tf32", "gradient_checkpointing", "cpu",
-                  "save_pipeline_at_snapshot", "push_to_hub"}
-    args: list[str] = []
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if f.name in store_true:
-            args += [f"--{f.name}"] if value else []
-        elif f.name == "progress_bar":
-            args += [] if value else ["--no_progress_bar"]
-        elif f.name in ("hub_private", "channels_last"):  # BooleanOptionalAction flags
-            args += [f"--{f.name}" if value else f"--no-{f.name}"]
-        elif f.name == "ema_halflife_kimg":
-            args += ["--ema_halflife_kimg", *[repr(float(h)) for h in value]]
-        elif f.name == "network_overrides":
-            args += ["--network_overrides", json.dumps(value)] if value else []
-        elif f.name == "ema_rampup_ratio":
-            args += ["--ema_rampup_ratio", "none" if value is None else repr(float(value))]
-        elif value is None:
-            if getattr(defaults, f.name) is not None:
-                raise ConfigError(f"{f.name}=None cannot be passed to train_unconditional.py")
-        else:
-            args += [f"--{f.name}", str(value)]
-    return args
-
-
 def train_run(config: SweepConfig, run: SweepRun, progress: bool = True) -> None:
     """Trains (or resumes) one run to its budget; ends with ``<run>/train/pipeline``."""
     tcfg = config.train_config(run)
     tcfg.progress_bar = tcfg.progress_bar and progress
     if config.launcher:
-        command = [*shlex.split(config.launcher), str(REPO_ROOT / "train_unconditional.py"), *train_cli_args(tcfg)]
+        command = [*shlex.split(config.launcher), str(REPO_ROOT / "train_unconditional.py"), *config_to_cli_args(tcfg)]
         print("launching:", shlex.join(command), flush=True)
         completed = subprocess.run(command, cwd=str(REPO_ROOT))
         if completed.returncode != 0:
             raise RuntimeError(f"run {run.name!r}: training exited with status {completed.returncode} "
                                f"(command: {shlex.join(command)}); rerun the sweep to resume from its checkpoint")
         return
-    from pipelines.demo import _reset_accelerate_state
-    from pipelines.training.loop import train
+    from pipelines.training import train
+    from pipelines.utils import reset_accelerate_state
 
-    _reset_accelerate_state()  # each run may pick its own precision / device settings
+    reset_accelerate_state()  # each run may pick its own precision / device settings
     train(tcfg)
-    _reset_accelerate_state()
+    reset_accelerate_state()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +194,7 @@ def evaluate_run(config: SweepConfig, run: SweepRun, cache_dir: Path, progress: 
     """FID (+ KID) of the run's exported pipeline with the sweep's protocol; None on non-main processes."""
     from accelerate import Accelerator
 
+    from pipelines.data.echonet_frames import load_frames
     from pipelines.evaluation import protocol as ev
     from pipelines.evaluation.fid import InceptionDetector
     from pipelines.hub import load_pipeline
@@ -235,7 +203,7 @@ def evaluate_run(config: SweepConfig, run: SweepRun, cache_dir: Path, progress: 
     accelerator = Accelerator()
     pipeline_dir = Path(config.output_dir) / run.name / "train" / "pipeline"
     pipe = load_pipeline(pipeline_dir, device=str(accelerator.device))
-    frames = ev.load_frames(config.dataset, ev_cfg["split"])
+    frames = load_frames(config.dataset, ev_cfg["split"])
     first = int(ev_cfg["first_seed"])
     seeds = list(range(first, first + int(ev_cfg["num_generated"])))
     detector = InceptionDetector(device=str(accelerator.device)) if accelerator.is_main_process else None
@@ -257,14 +225,13 @@ def evaluate_run(config: SweepConfig, run: SweepRun, cache_dir: Path, progress: 
 def _training_summary(pipeline_dir: Path) -> dict:
     """What the exported run says about itself: arch, precond, batch, images seen, parameters."""
     from pipelines.hub import count_parameters
-    from pipelines.training.loop import find_latest_checkpoint
+    from pipelines.training.checkpoints import training_checkpoints
 
-    train_dir = pipeline_dir.parent
-
-    checkpoint = find_latest_checkpoint(train_dir / "checkpoints")
+    store = training_checkpoints(pipeline_dir.parent)
+    checkpoint = store.latest()
     if checkpoint is None:
-        raise FileNotFoundError(f"{train_dir}/checkpoints: no finished checkpoint to read the run's state from")
-    state = json.loads((checkpoint / "training_state.json").read_text())
+        raise FileNotFoundError(f"{store.root}: no finished checkpoint to read the run's state from")
+    state = store.read_state(checkpoint)
     cfg = state["config"]
     return {"arch": cfg["arch"], "precond": cfg["precond"], "batch_size": cfg["batch_size"],
             "images_seen": state["images_seen"], "duration_kimg": cfg["duration_kimg"],
@@ -321,12 +288,6 @@ def render_table(config: SweepConfig, results: list[dict], pending: list[str]) -
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_sweep(config: SweepConfig | str | os.PathLike, only: list[str] | None = None, progress: bool = True,
               cache_dir: str | os.PathLike | None = None) -> dict:
     """Trains and scores every run not finished yet; returns {"results", "table", "table_path"}.
@@ -356,7 +317,7 @@ def run_sweep(config: SweepConfig | str | os.PathLike, only: list[str] | None = 
         print(f"[sweep] {run.name}: generating and scoring", flush=True)
         result = evaluate_run(config, run, cache_dir, progress)
         if is_main and result is not None:
-            _atomic_write(result_path, json.dumps(result, indent=2, default=str))
+            atomic_write_json(result_path, result, default=str)
             write_outputs(config)
     table, path = write_outputs(config) if is_main else (None, None)
     if table:
@@ -379,20 +340,20 @@ def write_outputs(config: SweepConfig) -> tuple[str, Path]:
     pending = [r.name for r in config.runs if r.name not in done]
     table = render_table(config, results, pending)
     out = Path(config.output_dir)
-    _atomic_write(out / "table1.md", table)
-    _atomic_write(out / "table1.json", json.dumps({"rows": table_rows(results), "results": results,
-                                                    "pending": pending, "config": config.raw}, indent=2, default=str))
+    atomic_write_text(out / "table1.md", table)
+    atomic_write_json(out / "table1.json", {"rows": table_rows(results), "results": results, "pending": pending,
+                                            "config": config.raw}, default=str)
     return table, out / "table1.md"
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(description="Table 1 sweep: train and score each run of a config")
     parser.add_argument("--config", required=True, help="sweep config (YAML or JSON), e.g. configs/sweep_demo.yaml")
-    parser.add_argument("--output-dir", default=None, help="override the config's output_dir")
+    parser.add_argument("--output_dir", default=None, help="override the config's output_dir")
     parser.add_argument("--dataset", default=None, help="override the config's dataset")
     parser.add_argument("--only", default=None, help="comma list of run names to work on (default: all)")
-    parser.add_argument("--cache-dir", default=None, help="Inception feature cache (default <output_dir>/cache)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--cache_dir", default=None, help="Inception feature cache (default <output_dir>/cache)")
+    parser.add_argument("--no_progress_bar", action="store_true", help="hide progress bars")
     return parser
 
 
@@ -400,7 +361,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     args = args if args is not None else build_parser().parse_args(argv)
     config = load_sweep_config(args.config, output_dir=args.output_dir, dataset=args.dataset)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
-    return run_sweep(config, only=only, progress=not args.no_progress, cache_dir=args.cache_dir)
+    return run_sweep(config, only=only, progress=not args.no_progress_bar, cache_dir=args.cache_dir)
 
 
 if __name__ == "__main__":

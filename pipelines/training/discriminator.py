@@ -9,10 +9,12 @@ and records the epoch -> FID table.
 Output layout of ``train_discriminator``::
 
     out_dir/checkpoints/epoch-001/discriminator/   config.json + diffusion_pytorch_model.safetensors
-    out_dir/checkpoints/epoch-001/state.json       epoch, steps, validation metrics
+    out_dir/checkpoints/epoch-001/state.json       epoch, steps, validation metrics (written last)
     out_dir/checkpoints/epoch-NNN/optimizer.safetensors   (latest epoch only, for resuming)
     out_dir/history.json                           per-epoch metrics
     out_dir/logs/                                  tensorboard (loss, accuracy per sigma bucket)
+
+Epoch checkpoints follow the atomic scheme of ``pipelines.training.checkpoints``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,14 +30,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from pipelines.components.discriminator import EchoDiffDiscriminator
-from pipelines.utils import to_float
+from pipelines.training.checkpoints import (
+    CheckpointStore,
+    epoch_checkpoints,
+    load_optimizer_state,
+    save_optimizer_state,
+)
+from pipelines.utils import atomic_write_json, atomic_write_text, check_uint8_images, seeded_subset, to_float
 
 SIGMA_DISTRIBUTIONS = ("log-uniform", "log-normal")
 DISCRIMINATOR_VARIANTS = ("adm", "unet-encoder")
-CHECKPOINTS = "checkpoints"
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,15 +134,6 @@ def preconditioning_of(pipeline) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------
-def _check_images(images: np.ndarray, name: str) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{name}: expected uint8 images (N, C, H, W), got {images.dtype} {images.shape}")
-    if len(images) == 0:
-        raise ValueError(f"{name}: no images")
-    return images
-
-
 @dataclass
 class RealFakeSplit:
     """Real (label 1) and generated (label 0) uint8 images, split into train and validation indices."""
@@ -150,7 +147,8 @@ class RealFakeSplit:
 def make_real_fake_split(real: np.ndarray, fake: np.ndarray, val_fraction: float = 0.1, balance: bool = True,
                          seed: int = 0) -> RealFakeSplit:
     """Seeded train/validation split (stratified by label); ``balance`` subsamples the larger side."""
-    real, fake = _check_images(real, "real images"), _check_images(fake, "generated images")
+    real = np.asarray(check_uint8_images(real, "real images", channels=None))
+    fake = np.asarray(check_uint8_images(fake, "generated images", channels=None))
     if real.shape[1:] != fake.shape[1:]:
         raise ValueError(f"real images {real.shape[1:]} and generated images {fake.shape[1:]} differ in shape")
     if not 0 <= val_fraction < 1:
@@ -172,62 +170,15 @@ def make_real_fake_split(real: np.ndarray, fake: np.ndarray, val_fraction: float
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints (safetensors only; optimizer state flattened to tensors + JSON)
+# Checkpoints: one folder per finished epoch
 # --------------------------------------------------------------------------------------------------
-def epoch_dir(out_dir: str | os.PathLike, epoch: int) -> Path:
-    return Path(out_dir) / CHECKPOINTS / f"epoch-{epoch:03d}"
-
-
 def saved_epochs(out_dir: str | os.PathLike) -> list[int]:
-    """Epochs whose checkpoint finished writing (state.json is written last)."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    epochs = []
-    for d in root.iterdir():
-        if d.name.startswith("epoch-") and (d / "state.json").is_file():
-            try:
-                epochs.append(int(d.name.split("-", 1)[1]))
-            except ValueError:
-                continue
-    return sorted(epochs)
-
-
-def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if "param_groups" not in metadata:
-        raise ValueError(f"{path}: not an optimizer state written by save_optimizer_state")
-    tensors = load_file(str(path))
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in list(tensors.items()) + list(json.loads(metadata["scalars"]).items()):
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    groups = json.loads(metadata["param_groups"])
-    for group in groups:  # JSON turned tuples (Adam's betas) into lists
-        for key, value in group.items():
-            if key != "params" and isinstance(value, list):
-                group[key] = tuple(value)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    """Epochs whose checkpoint finished writing."""
+    return [epoch for epoch, _ in epoch_checkpoints(out_dir).checkpoints()]
 
 
 def load_epoch_discriminator(out_dir: str | os.PathLike, epoch: int, unet=None) -> EchoDiffDiscriminator:
-    path = epoch_dir(out_dir, epoch) / "discriminator"
+    path = epoch_checkpoints(out_dir).path(epoch) / "discriminator"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no discriminator checkpoint for epoch {epoch} at {path}")
     model = EchoDiffDiscriminator.from_pretrained(str(path))
@@ -311,82 +262,95 @@ def train_discriminator(model: EchoDiffDiscriminator, data: RealFakeSplit, out_d
     """Train ``model`` for ``config.num_epochs`` epochs, checkpointing every epoch; resumes after the
     last finished epoch found in ``out_dir``. Returns the per-epoch history (also in history.json)."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     config = config or DiscriminatorTrainingConfig()
     out_dir = Path(out_dir)
     own_accelerator = accelerator is None
     if own_accelerator:
         accelerator = Accelerator(log_with="tensorboard", project_dir=str(out_dir / "logs"))
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes {world}")
     if len(data.train_indices) < config.batch_size:
         raise ValueError(f"only {len(data.train_indices)} training images for a batch size of {config.batch_size}")
-    local_batch = config.batch_size // world
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    done = saved_epochs(out_dir)
-    history: list[dict[str, Any]] = []
-    start_epoch = 1
-    if done:
-        last = done[-1]
-        state_dir = epoch_dir(out_dir, last)
-        resumed = EchoDiffDiscriminator.from_pretrained(str(state_dir / "discriminator"))
-        model.load_state_dict(resumed.state_dict())
-        if not (state_dir / "optimizer.safetensors").is_file():
-            raise FileNotFoundError(f"{state_dir}/optimizer.safetensors missing: cannot resume exactly")
-        load_optimizer_state(optimizer, state_dir / "optimizer.safetensors")
-        history_path = out_dir / "history.json"
-        history = json.loads(history_path.read_text()) if history_path.is_file() else []
-        history = [h for h in history if h["epoch"] <= last]
-        start_epoch = last + 1
-        accelerator.print(f"resuming discriminator training after epoch {last} ({out_dir})")
+    store = epoch_checkpoints(out_dir)
+    if accelerator.is_main_process:
+        store.remove_partial()
+    accelerator.wait_for_everyone()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                 weight_decay=config.weight_decay)
+    history = _resume(model, optimizer, store, out_dir, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.init_trackers("discriminator", config={k: v for k, v in _flat_config(config).items()})
+    accelerator.init_trackers("discriminator", config=_flat_config(config))
     steps_per_epoch = len(data.train_indices) // config.batch_size  # drop the last partial batch
-    global_step = (start_epoch - 1) * steps_per_epoch
 
-    for epoch in range(start_epoch, config.num_epochs + 1):
-        model.train()
-        order = torch.randperm(len(data.train_indices),
-                               generator=torch.Generator().manual_seed(config.seed * 100003 + epoch)).numpy()
-        noise_gen = torch.Generator().manual_seed((config.seed * 100003 + epoch) * 64 + rank + 1)
-        running, count = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"discriminator epoch {epoch}/{config.num_epochs}",
-                   disable=not (progress and accelerator.is_main_process))
-        for step in bar:
-            batch = order[step * config.batch_size:(step + 1) * config.batch_size][rank::world]
-            idx = data.train_indices[np.sort(batch)]
-            sigma = config.sigma.sample(local_batch, noise_gen)
-            x = _noised(data.images[idx], sigma, noise_gen, accelerator.device)
-            labels = torch.from_numpy(data.labels[idx]).to(accelerator.device)
-            logits = model(x, sigma.to(accelerator.device)).logits
-            loss = F.binary_cross_entropy_with_logits(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            global_step += 1
-            running += loss.item()
-            count += 1
-            if global_step % config.log_every == 0:
-                accelerator.log({"train/loss": running / count}, step=global_step)
-                bar.set_postfix(loss=f"{running / count:.4f}")
+    for epoch in range(len(history) + 1, config.num_epochs + 1):
+        train_loss = _train_epoch(model, optimizer, data, config, accelerator, epoch, steps_per_epoch, progress)
         model.eval()
         metrics = evaluate_discriminator(accelerator.unwrap_model(model), data, config, accelerator.device)
-        record = {"epoch": epoch, "step": global_step, "train/loss": running / max(count, 1), **metrics}
-        accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=global_step)
+        record = {"epoch": epoch, "step": epoch * steps_per_epoch, "train/loss": train_loss, **metrics}
+        accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch * steps_per_epoch)
         history.append(record)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _save_epoch(out_dir, epoch, accelerator.unwrap_model(model), optimizer, record, history)
+            _save_epoch(store, out_dir, accelerator.unwrap_model(model), optimizer, record, history)
         accelerator.wait_for_everyone()
         accelerator.print(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                                                          if k in ("train/loss", "val/loss", "val/accuracy")))
     if own_accelerator:
         accelerator.end_training()
     return history
+
+
+def _resume(model, optimizer, store: CheckpointStore, out_dir: Path, accelerator) -> list[dict[str, Any]]:
+    """Loads the last finished epoch into ``model`` and ``optimizer``; returns the history up to it (each
+    epoch's record is its checkpoint's state file)."""
+    found = store.checkpoints()
+    if not found:
+        return []
+    last, folder = found[-1]
+    if not (folder / OPTIMIZER_FILE).is_file():
+        raise FileNotFoundError(f"{folder / OPTIMIZER_FILE} missing: cannot resume exactly")
+    model.load_state_dict(EchoDiffDiscriminator.from_pretrained(str(folder / "discriminator")).state_dict())
+    load_optimizer_state(optimizer, folder / OPTIMIZER_FILE)
+    history = [store.read_state(path) for _, path in found]
+    if [record["epoch"] for record in history] != list(range(1, last + 1)):
+        raise ValueError(f"{store.root}: epochs {[epoch for epoch, _ in found]} are not 1..{last}; "
+                         "cannot resume (use a fresh output folder)")
+    accelerator.print(f"resuming discriminator training after epoch {last} ({out_dir})")
+    return history
+
+
+def _train_epoch(model, optimizer, data: RealFakeSplit, config: DiscriminatorTrainingConfig, accelerator, epoch: int,
+                 steps_per_epoch: int, progress: bool) -> float:
+    """One epoch of BCE steps (each process takes its share of every global batch); the mean loss."""
+    from tqdm.auto import tqdm
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    model.train()
+    order = torch.randperm(len(data.train_indices),
+                           generator=torch.Generator().manual_seed(config.seed * 100003 + epoch)).numpy()
+    noise_gen = torch.Generator().manual_seed((config.seed * 100003 + epoch) * 64 + rank + 1)
+    running, count = 0.0, 0
+    bar = tqdm(range(steps_per_epoch), desc=f"discriminator epoch {epoch}/{config.num_epochs}",
+               disable=not (progress and accelerator.is_main_process))
+    for step in bar:
+        batch = order[step * config.batch_size:(step + 1) * config.batch_size][rank::world]
+        idx = data.train_indices[np.sort(batch)]
+        sigma = config.sigma.sample(len(idx), noise_gen)
+        x = _noised(data.images[idx], sigma, noise_gen, accelerator.device)
+        labels = torch.from_numpy(data.labels[idx]).to(accelerator.device)
+        loss = F.binary_cross_entropy_with_logits(model(x, sigma.to(accelerator.device)).logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        running, count = running + loss.item(), count + 1
+        global_step = (epoch - 1) * steps_per_epoch + step + 1
+        if global_step % config.log_every == 0:
+            accelerator.log({"train/loss": running / count}, step=global_step)
+            bar.set_postfix(loss=f"{running / count:.4f}")
+    return running / max(count, 1)
 
 
 def _flat_config(config: DiscriminatorTrainingConfig) -> dict[str, Any]:
@@ -399,27 +363,18 @@ def _flat_config(config: DiscriminatorTrainingConfig) -> dict[str, Any]:
     return flat
 
 
-def _save_epoch(out_dir: Path, epoch: int, model, optimizer, record: dict, history: list) -> None:
-    """Write the epoch's checkpoint atomically (temp dir + rename); keep optimizer state for the newest only."""
-    final = epoch_dir(out_dir, epoch)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp / "discriminator"))
-    save_optimizer_state(optimizer, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps(record, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for older in saved_epochs(out_dir):
+def _save_epoch(store: CheckpointStore, out_dir: Path, model, optimizer, record: dict, history: list) -> None:
+    """The epoch's checkpoint (weights, optimizer, state); optimizer state is kept for the newest epoch only."""
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder / "discriminator"))
+        save_optimizer_state(optimizer, folder / OPTIMIZER_FILE)
+
+    epoch = record["epoch"]
+    store.save(epoch, write, record)
+    for older, folder in store.checkpoints():
         if older != epoch:
-            (epoch_dir(out_dir, older) / "optimizer.safetensors").unlink(missing_ok=True)
-    _atomic_write(out_dir / "history.json", json.dumps(history, indent=2))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+            (folder / OPTIMIZER_FILE).unlink(missing_ok=True)
+    atomic_write_json(out_dir / "history.json", history)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,12 +391,13 @@ def select_best_epoch(out_dir: str | os.PathLike, score_epoch: Callable[[int], f
     """
     out_dir = Path(out_dir)
     available = saved_epochs(out_dir)
+    root = epoch_checkpoints(out_dir).root
     if not available:
-        raise FileNotFoundError(f"no finished discriminator epochs under {out_dir / CHECKPOINTS}")
+        raise FileNotFoundError(f"no finished discriminator epochs under {root}")
     wanted = available if epochs is None else list(epochs)
     missing = sorted(set(wanted) - set(available))
     if missing:
-        raise ValueError(f"epochs {missing} have no checkpoint under {out_dir / CHECKPOINTS} (have {available})")
+        raise ValueError(f"epochs {missing} have no checkpoint under {root} (have {available})")
     json_path = out_dir / f"{table_name}.json"
     previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
     if previous and previous.get("settings") != (settings or {}):
@@ -463,32 +419,25 @@ def _write_selection(out_dir: Path, table_name: str, scores: dict[int, float], m
     table = [{"epoch": e, metric_name: scores[e]} for e in sorted(scores)]
     finite = [row for row in table if math.isfinite(row[metric_name])]
     best = min(finite, key=lambda row: (row[metric_name], row["epoch"]))["epoch"] if finite else None
-    _atomic_write(out_dir / f"{table_name}.json",
-                  json.dumps({"metric": metric_name, "best_epoch": best, "settings": settings or {},
-                              "table": table}, indent=2))
+    atomic_write_json(out_dir / f"{table_name}.json",
+                      {"metric": metric_name, "best_epoch": best, "settings": settings or {}, "table": table})
     lines = [f"| epoch | {metric_name} |", "|---:|---:|"]
     for row in table:
         mark = " (best)" if row["epoch"] == best else ""
         lines.append(f"| {row['epoch']}{mark} | {row[metric_name]:.4f} |")
-    _atomic_write(out_dir / f"{table_name}.md", "\n".join(lines) + "\n")
+    atomic_write_text(out_dir / f"{table_name}.md", "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
 # Orchestration used by train_discriminator.py: data sources, FID scoring, export
 # --------------------------------------------------------------------------------------------------
-DG_PAPER_SETTINGS = {"dg_weight_first_order": 5.0, "dg_weight_second_order": 0.0, "dg_boost": 2.0}
-
-
 def real_images(dataset: str | os.PathLike, split: str = "train", num: int | None = 50_000, seed: int = 0,
                 channels: int | None = None) -> np.ndarray:
     """A seeded subsample of ``num`` real frames (all when ``num`` is None or larger) as uint8 NCHW."""
     from pipelines.data.echonet_frames import FrameDataset
 
     frames = FrameDataset(dataset, split=split, channels=channels)
-    indices = None
-    if num is not None and num < len(frames):
-        indices = np.sort(np.random.default_rng(seed).choice(len(frames), size=num, replace=False))
-    return frames.images_uint8(indices)
+    return frames.images_uint8(seeded_subset(len(frames), num, seed))
 
 
 def generated_images(source: str | os.PathLike | None = None, pipeline=None, out_dir: str | os.PathLike | None = None,
@@ -556,6 +505,5 @@ def export_guided_pipeline(pipeline, discriminator, out_dir: str | os.PathLike, 
     out_dir = Path(out_dir)
     attach_discriminator(pipeline, discriminator)
     pipeline.save_pretrained(str(out_dir))
-    _atomic_write(out_dir / "dg_settings.json",
-                  json.dumps({"sampler": dg_settings or {}, "selection": selection or {}}, indent=2))
+    atomic_write_json(out_dir / "dg_settings.json", {"sampler": dg_settings or {}, "selection": selection or {}})
     return out_dir

@@ -1,0 +1,212 @@
+"""One atomic checkpoint scheme for every training loop (diffusion training, DG discriminator, Table 2 classifiers).
+
+A checkpoint is a numbered folder ``<root>/<prefix><number>``. It is written into a hidden temporary
+folder ``<root>/.tmp-<prefix><number>``; its state file (JSON) is written last, everything is fsynced,
+and the folder is renamed into place. A killed save therefore leaves only a ``.tmp-`` folder, which is
+never listed as a checkpoint and is deleted by ``remove_partial`` on the next start. Weights and
+optimizer state are safetensors (accelerate adds its own RNG state files to training checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipelines.training.config import MODEL, RUN, ConfigError, TrainConfig, fields_with_resume_role
+from pipelines.utils import fsync_dir, fsync_tree
+
+logger = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+TRAINING_STATE_FILE = "training_state.json"
+EMA_FILE = "ema.safetensors"
+
+
+def is_complete_checkpoint(path: Path, state_file: str) -> bool:
+    return path.is_dir() and (path / state_file).is_file() and not path.name.startswith(TMP_PREFIX)
+
+
+@dataclass(frozen=True)
+class CheckpointStore:
+    """Numbered checkpoint folders ``root/<prefix><number, zero-padded to digits>``."""
+
+    root: Path
+    prefix: str
+    digits: int
+    state_file: str = "state.json"
+
+    def path(self, number: int) -> Path:
+        return self.root / f"{self.prefix}{number:0{self.digits}d}"
+
+    def temp_path(self, number: int) -> Path:
+        return self.root / f"{TMP_PREFIX}{self.path(number).name}"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints (number, folder), oldest first; temporary folders are ignored."""
+        if not self.root.is_dir():
+            return []
+        pattern = re.compile(rf"{re.escape(self.prefix)}(\d+)")
+        found = []
+        for child in self.root.iterdir():
+            match = pattern.fullmatch(child.name)
+            if match and is_complete_checkpoint(child, self.state_file):
+                found.append((int(match.group(1)), child))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    def read_state(self, path: Path) -> dict[str, Any]:
+        return json.loads((Path(path) / self.state_file).read_text())
+
+    def remove_partial(self) -> list[Path]:
+        """Deletes the leftovers of killed saves (call it from one process only)."""
+        removed = []
+        if self.root.is_dir():
+            for child in self.root.iterdir():
+                if child.name.startswith(TMP_PREFIX):
+                    shutil.rmtree(child, ignore_errors=True)
+                    removed.append(child)
+        for leftover in removed:
+            logger.warning("removed %s, left by a save that did not finish", leftover)
+        return removed
+
+    def begin(self, number: int) -> Path:
+        """A fresh, empty temporary folder for checkpoint ``number``."""
+        tmp = self.temp_path(number)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        return tmp
+
+    def commit(self, number: int, state: dict[str, Any], total_limit: int | None = None) -> Path:
+        """Writes the state file last, fsyncs, renames the temporary folder into place, prunes old ones."""
+        tmp, final = self.temp_path(number), self.path(number)
+        (tmp / self.state_file).write_text(json.dumps(state, indent=2))
+        fsync_tree(tmp)
+        trash = self.root / f"{TMP_PREFIX}replaced-{final.name}"
+        if final.exists():  # the same point saved again (e.g. reached again after resuming from an older one)
+            os.rename(final, trash)
+        os.rename(tmp, final)
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+        if total_limit is not None:
+            for _, old in self.checkpoints()[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def save(self, number: int, write: Callable[[Path], None], state: dict[str, Any],
+             total_limit: int | None = None) -> Path:
+        """One-process save: ``write(temporary folder)`` puts the files in, then :meth:`commit`."""
+        write(self.begin(number))
+        return self.commit(number, state, total_limit)
+
+
+def epoch_checkpoints(out_dir: str | os.PathLike) -> CheckpointStore:
+    """``out_dir/checkpoints/epoch-NNN``: one checkpoint per finished epoch (discriminator, classifiers)."""
+    return CheckpointStore(Path(out_dir) / "checkpoints", "epoch-", 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# optimizer state as safetensors (tensors) + JSON metadata (hyper-parameters and scalars), never pickle
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "param_groups" not in metadata:
+        raise ValueError(f"{path}: not an optimizer state written by save_optimizer_state")
+    tensors = load_file(str(path))
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in list(tensors.items()) + list(json.loads(metadata["scalars"]).items()):
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = json.loads(metadata["param_groups"])
+    for group in groups:  # JSON turned tuples (Adam's betas) into lists
+        for key, value in group.items():
+            if key != "params" and isinstance(value, list):
+                group[key] = tuple(value)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusion training: accelerate save_state (every process) + the EMA + progress
+
+
+def training_checkpoints(output_dir: str | os.PathLike) -> CheckpointStore:
+    """``<output_dir>/checkpoints/checkpoint-<images seen, 12 digits>``."""
+    return CheckpointStore(Path(output_dir) / "checkpoints", "checkpoint-", 12, TRAINING_STATE_FILE)
+
+
+def save_training_checkpoint(accelerator, store: CheckpointStore, ema, state: dict[str, Any],
+                             total_limit: int | None) -> Path:
+    """Atomic ``save_state`` + ``ema.safetensors`` at ``state["images_seen"]``; every process calls it (each
+    writes its RNG state). Returns the final folder."""
+    number = state["images_seen"]
+    if accelerator.is_main_process:
+        store.begin(number)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(store.temp_path(number)))
+    if accelerator.is_main_process:
+        ema.save(str(store.temp_path(number) / EMA_FILE))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        store.commit(number, state, total_limit)
+    accelerator.wait_for_everyone()
+    return store.path(number)
+
+
+def load_training_checkpoint(accelerator, path: Path, ema) -> dict[str, Any]:
+    """Restores model, optimizer, grad scaler and RNG states (accelerate), the EMA, and returns the progress."""
+    if not is_complete_checkpoint(path, TRAINING_STATE_FILE):
+        raise ConfigError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINING_STATE_FILE})")
+    state = json.loads((path / TRAINING_STATE_FILE).read_text())
+    if not (path / f"random_states_{accelerator.process_index}.pkl").is_file():
+        logger.warning("%s: no RNG state for process %d (different process count); dropout streams restart",
+                       path, accelerator.process_index)
+    accelerator.load_state(str(path))
+    ema.load(str(path / EMA_FILE))
+    return state
+
+
+def check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    """Refuses a checkpoint of another model; warns when run settings changed (the run is then not the
+    uninterrupted one)."""
+    current = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as saved
+    for key in fields_with_resume_role(MODEL):
+        if saved.get(key) != current.get(key) and not (key in ("resolution", "channels") and current.get(key) is None):
+            raise ConfigError(
+                f"--resume_from_checkpoint {path}: it was trained with {key}={saved.get(key)!r}, "
+                f"this run asks for {current.get(key)!r}"
+            )
+    changed = [k for k in fields_with_resume_role(RUN) if saved.get(k) != current.get(k)]
+    if changed:
+        logger.warning("resuming %s with changed settings %s: the run is no longer the uninterrupted one",
+                       path, {k: (saved.get(k), current.get(k)) for k in changed})

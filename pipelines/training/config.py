@@ -1,0 +1,355 @@
+"""The training configuration: every setting declared once, with its help text.
+
+``TrainConfig``'s fields carry their help, their argparse group and, where it applies, their choices and
+their role on resume (``dataclasses.field(metadata=...)``). From them come the ``train_unconditional.py``
+parser (:func:`build_parser`), its inverse (:func:`config_to_cli_args`, used by the sweep to launch
+training in a subprocess), the mapping check of the sweep (:func:`config_from_dict`) and
+:func:`validate_config`. Flag ``--name`` sets field ``name``; a boolean that defaults to True is turned
+off with ``--no_name``; an optional value takes ``none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.components.preconditioning import PRECONDITIONINGS
+
+# Table 1 of the paper: images seen per architecture, in thousands.
+PAPER_DURATION_KIMG = {"adm": 30106.0, "ddpmpp": 60211.0, "ncsnpp": 60211.0}
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
+
+# The --help sections.
+DATA = "data and model"
+OPTIM = "optimisation (EDM's loop)"
+SPEED = "speed and memory"
+OUTPUT = "checkpoints, logging, export"
+# On resume: MODEL settings must match the checkpoint's; a changed RUN setting is allowed with a warning;
+# DISPLAY settings change only how a run is shown, never the model it produces.
+MODEL, RUN, DISPLAY = "model", "run", "display"
+
+
+class ConfigError(ValueError):
+    """A bad argument or input, found before training starts; the message names the flag or file."""
+
+
+def architecture_names() -> tuple[str, ...]:
+    from pipelines.networks import ARCHITECTURES  # imports the networks (diffusers): only when asked
+
+    return tuple(ARCHITECTURES)
+
+
+def _option(default: Any = dataclasses.MISSING, *, help: str, group: str, factory: Callable | None = None,
+            choices: Sequence[str] | Callable[[], Sequence[str]] | None = None, resume: str | None = None,
+            default_text: str | None = None) -> Any:
+    """A TrainConfig field. ``default_text``: how ``--help`` states a default that is not a plain value."""
+    metadata = {"help": help, "group": group, "choices": choices, "resume": resume, "default_text": default_text}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; each field is the ``train_unconditional.py`` flag of the same name."""
+
+    dataset: str = _option(help="frame dataset folder (save_to_disk output) or Hub dataset id", group=DATA)
+    output_dir: str = _option(help="checkpoints, logs, samples and the final pipeline", group=DATA)
+    arch: str = _option("adm", help="network", group=DATA, choices=architecture_names, resume=MODEL)
+    precond: str = _option("edm", help="preconditioning and loss", group=DATA, choices=PRECONDITIONINGS,
+                           resume=MODEL)
+    split: str = _option("train", help="dataset split to train on", group=DATA)
+    resolution: int | None = _option(None, help="checked against the dataset", group=DATA, resume=MODEL,
+                                     default_text="the dataset's")
+    channels: int | None = _option(None, help="1 (gray) or 3 (gray repeated)", group=DATA, resume=MODEL,
+                                   default_text="1")
+    dropout: float = _option(0.05, help="dropout probability of the network", group=DATA, resume=RUN)
+    network_overrides: dict[str, Any] = _option(
+        help="JSON object of network config fields, e.g. a smaller model_channels", group=DATA, factory=dict,
+        resume=MODEL)
+    duration_kimg: float | None = _option(
+        None, help="training length in thousands of images", group=OPTIM,
+        default_text="Table 1: " + ", ".join(f"{a} {k:g}" for a, k in PAPER_DURATION_KIMG.items()))
+    batch_size: int = _option(512, help="global batch over all processes", group=OPTIM, resume=RUN)
+    batch_per_gpu: int | None = _option(
+        None, help="images per process per forward pass; gradient accumulation makes up the rest", group=OPTIM,
+        default_text="batch_size / processes, no accumulation")
+    lr: float = _option(1e-3, help="Adam learning rate after the warm-up", group=OPTIM, resume=RUN)
+    lr_rampup_kimg: float = _option(10000.0, help="linear learning-rate warm-up, in kimg", group=OPTIM,
+                                    resume=RUN)
+    adam_beta1: float = _option(0.9, help="Adam beta1", group=OPTIM)
+    adam_beta2: float = _option(0.999, help="Adam beta2", group=OPTIM)
+    adam_epsilon: float = _option(1e-8, help="Adam epsilon", group=OPTIM)
+    ema_halflife_kimg: tuple[float, ...] = _option(
+        (500.0,), help="one or more EMA half-lives; the first is exported as <output_dir>/pipeline", group=OPTIM,
+        resume=MODEL)
+    ema_rampup_ratio: float | None = _option(
+        0.05, help="cap the half-life at this fraction of images seen ('none' to disable)", group=OPTIM)
+    seed: int = _option(0, help="seed of the initial weights, the data order and the noise", group=OPTIM,
+                        resume=RUN)
+    mixed_precision: str = _option(
+        "auto", help="autocast precision (auto: the accelerate config's, else bf16 on a CPU with native bf16, "
+        "else fp32)", group=SPEED, choices=MIXED_PRECISION, resume=RUN)
+    compile: bool = _option(False, help="torch.compile the network (inductor)", group=SPEED)
+    # Channels-last: faster for every paper-size network on CPU (issue 10) and the tensor cores' layout.
+    channels_last: bool = _option(True, help="channels-last (NHWC) network and inputs", group=SPEED)
+    allow_tf32: bool = _option(False, help="TF32 matmuls/convolutions on Ampere+ GPUs", group=SPEED)
+    gradient_checkpointing: bool = _option(False, help="recompute activations in the backward pass (less memory)",
+                                           group=SPEED)
+    cpu: bool = _option(False, help="train on the CPU even if a GPU is present", group=SPEED)
+    dataloader_num_workers: int = _option(2, help="data loader worker processes", group=SPEED)
+    checkpointing_kimg: float = _option(1000.0, help="full training state every N kimg (and at the end)",
+                                        group=OUTPUT)
+    checkpoints_total_limit: int | None = _option(None, help="keep only the newest N checkpoints", group=OUTPUT,
+                                                  default_text="keep all")
+    resume_from_checkpoint: str | None = _option(None, help="'latest' or a checkpoint folder", group=OUTPUT,
+                                                 default_text="start a new run")
+    snapshot_kimg: float = _option(2500.0, help="sample grid every N kimg", group=OUTPUT)
+    save_pipeline_at_snapshot: bool = _option(False, help="also save a pipeline under snapshots/ at each snapshot",
+                                              group=OUTPUT)
+    num_sample_images: int = _option(16, help="images in each sample grid (0: no grids)", group=OUTPUT)
+    sample_steps: int = _option(18, help="Heun steps for the sample grid", group=OUTPUT)
+    logging_steps: int = _option(10, help="log the metrics every N steps", group=OUTPUT, resume=DISPLAY)
+    report_to: str = _option("tensorboard", help="tracker", group=OUTPUT, choices=REPORT_TO, resume=DISPLAY)
+    tracker_project_name: str = _option("echodiff", help="tracker project (tensorboard: logs/<name>)",
+                                        group=OUTPUT, resume=DISPLAY)
+    push_to_hub: bool = _option(False, help="upload <output_dir>/pipeline to the Hub at the end", group=OUTPUT)
+    hub_model_id: str | None = _option(None, help="Hub repo for --push_to_hub, e.g. your-name/echodiff-adm-edm",
+                                       group=OUTPUT, default_text="none")
+    hub_private: bool = _option(True, help="make the Hub repo private", group=OUTPUT)
+    progress_bar: bool = _option(True, help="show a progress bar", group=OUTPUT, resume=DISPLAY)
+
+    @property
+    def duration_nimg(self) -> int:
+        kimg = self.duration_kimg if self.duration_kimg is not None else PAPER_DURATION_KIMG[self.arch]
+        return int(round(kimg * 1000))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["ema_halflife_kimg"] = [float(h) for h in self.ema_halflife_kimg]
+        out["duration_kimg"] = self.duration_nimg / 1000
+        return out
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+REQUIRED = tuple(name for name, f in FIELDS.items()
+                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+
+
+def fields_with_resume_role(role: str) -> tuple[str, ...]:
+    """Names of the fields that play ``role`` (MODEL, RUN or DISPLAY) when a run is resumed."""
+    return tuple(name for name, f in FIELDS.items() if f.metadata["resume"] == role)
+
+
+def choices_of(name: str) -> tuple[str, ...] | None:
+    choices = FIELDS[name].metadata["choices"]
+    return tuple(choices() if callable(choices) else choices) if choices is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# field types -> argparse and back
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _value_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a field: ``int | None`` -> (int, True)."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        (hint,) = [a for a in args if a is not type(None)]
+    return typing.get_origin(hint) or hint, optional
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"model_channels\": 64}}': {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _parse_function(base: type, optional: bool) -> Callable[[str], Any]:
+    parse = {dict: _json_object, tuple: float}.get(base, base)
+    if not optional:
+        return parse
+
+    def parse_optional(text: str):
+        return None if text.lower() in ("none", "off") else parse(text)
+
+    parse_optional.__name__ = f"optional {parse.__name__}"  # argparse names it in "invalid ... value"
+    return parse_optional
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()  # a fresh {} each time
+
+
+def _help_text(f: dataclasses.Field) -> str:
+    text = f.metadata["help"]
+    choices = choices_of(f.name)
+    if choices:
+        text += f": one of {list(choices)}"
+    if f.name in REQUIRED:
+        return text + " (required)"
+    default = _default_of(f)
+    shown = f.metadata["default_text"] or (" ".join(f"{v:g}" for v in default) if isinstance(default, tuple)
+                                           else json.dumps(default) if isinstance(default, dict) else default)
+    return f"{text} (default: {shown})".replace("%", "%%")
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The ``train_unconditional.py`` parser, one flag per ``TrainConfig`` field."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in FIELDS.items():
+        if f.metadata["group"] not in groups:
+            groups[f.metadata["group"]] = parser.add_argument_group(f.metadata["group"])
+        group = groups[f.metadata["group"]]
+        base, optional = _value_type(name)
+        flag, help_text = f"--{name}", _help_text(f)
+        if base is bool and f.default:
+            group.add_argument(flag, f"--no_{name}", dest=name, action=_SnakeBooleanAction, default=True,
+                               help=help_text)
+            group.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)  # old spelling
+        elif base is bool:
+            group.add_argument(flag, action="store_true", help=help_text)
+        else:
+            group.add_argument(flag, type=_parse_function(base, optional), nargs="+" if base is tuple else None,
+                               required=name in REQUIRED, help=help_text,
+                               **({} if name in REQUIRED else {"default": _default_of(f)}))
+    return parser
+
+
+class _SnakeBooleanAction(argparse.Action):
+    """``--name`` / ``--no_name`` (argparse's BooleanOptionalAction spells the second ``--no-name``)."""
+
+    def __init__(self, option_strings, dest, default=None, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no_"))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
+def config_from_cli_args(argv: Sequence[str] | None = None, description: str | None = None) -> TrainConfig:
+    """Parse ``train_unconditional.py`` flags into a TrainConfig (argparse exits on a malformed flag)."""
+    return config_from_dict(vars(build_parser(description).parse_args(argv)), "command line")
+
+
+def config_to_cli_args(cfg: TrainConfig) -> list[str]:
+    """``train_unconditional.py`` flags that reproduce ``cfg`` (settings left at their default are omitted)."""
+    args: list[str] = []
+    for name in FIELDS:
+        value = getattr(cfg, name)
+        if name not in REQUIRED and value == _default_of(FIELDS[name]):
+            continue
+        base, _ = _value_type(name)
+        if base is bool:
+            args.append(f"--{name}" if value else f"--no_{name}")
+        elif value is None:
+            args += [f"--{name}", "none"]
+        elif base is tuple:
+            args += [f"--{name}", *[repr(float(v)) for v in value]]
+        elif base is dict:
+            args += [f"--{name}", json.dumps(value)]
+        else:
+            args += [f"--{name}", repr(value) if base is float else str(value)]
+    return args
+
+
+def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConfig:
+    """A TrainConfig from a mapping of field names (lists accepted for tuples); unknown names are an error."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of TrainConfig fields, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown training setting(s) {unknown}; expected fields of "
+                          f"pipelines.training.TrainConfig such as batch_size, duration_kimg, network_overrides")
+    values = dict(values)
+    for name in values:
+        if _value_type(name)[0] is tuple and values[name] is not None:
+            given = values[name]
+            values[name] = tuple(given) if isinstance(given, (list, tuple)) else (given,)
+    missing = [name for name in REQUIRED if name not in values]
+    if missing:
+        raise ConfigError(f"{where}: missing required setting(s) {missing}")
+    return TrainConfig(**values)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Checks that need neither the dataset nor the devices; raises ConfigError naming the argument."""
+    for name in FIELDS:
+        choices = choices_of(name)
+        if choices and getattr(cfg, name) not in choices:
+            raise ConfigError(f"--{name}: expected one of {list(choices)}, got {getattr(cfg, name)!r}")
+    positive = {
+        "batch_size": cfg.batch_size, "lr": cfg.lr, "checkpointing_kimg": cfg.checkpointing_kimg,
+        "snapshot_kimg": cfg.snapshot_kimg, "logging_steps": cfg.logging_steps, "sample_steps": cfg.sample_steps,
+        "duration_kimg": cfg.duration_nimg / 1000,
+        "batch_per_gpu": 1 if cfg.batch_per_gpu is None else cfg.batch_per_gpu,
+    }
+    for name, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"--{name}: expected a positive value, got {value}")
+    at_least = {"lr_rampup_kimg": 0, "num_sample_images": 0, "dataloader_num_workers": 0,
+                "checkpoints_total_limit": 1}
+    for name, low in at_least.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name}: expected >= {low}, got {value}")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"--dropout: expected a probability in [0, 1), got {cfg.dropout}")
+    if not cfg.ema_halflife_kimg or any(not h > 0 for h in cfg.ema_halflife_kimg):
+        raise ConfigError(f"--ema_halflife_kimg: expected one or more positive values, got {cfg.ema_halflife_kimg}")
+    if cfg.ema_rampup_ratio is not None and not cfg.ema_rampup_ratio > 0:
+        raise ConfigError(f"--ema_rampup_ratio: expected a positive ratio (or none), got {cfg.ema_rampup_ratio}")
+    if cfg.report_to in ("wandb", "all"):
+        from accelerate.utils import is_wandb_available
+
+        if not is_wandb_available():
+            raise ConfigError(f"--report_to {cfg.report_to}: wandb is not installed (pip install wandb)")
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        raise ConfigError("--push_to_hub needs --hub_model_id (e.g. your-name/echodiff-adm-edm)")
+    _validate_network_overrides(cfg)
+    from pipelines.training.checkpoints import TRAINING_STATE_FILE, is_complete_checkpoint
+
+    if cfg.resume_from_checkpoint not in (None, "latest") and not is_complete_checkpoint(
+        Path(cfg.resume_from_checkpoint), TRAINING_STATE_FILE
+    ):
+        raise ConfigError(
+            f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: not a complete checkpoint folder "
+            f"(expected a folder with {TRAINING_STATE_FILE}, written by this script)"
+        )
+
+
+def _validate_network_overrides(cfg: TrainConfig) -> None:
+    for key in ("sample_size", "in_channels", "out_channels", "dropout", "resolution", "channels"):
+        if key in cfg.network_overrides:
+            raise ConfigError(
+                f"--network_overrides: {key!r} is set by --resolution/--channels/--dropout, not by overrides"
+            )
+    # Cheap structural check of the overrides now, so a typo fails before the dataset is read.
+    from pipelines.networks import network_config
+
+    try:
+        network_config(cfg.arch, **cfg.network_overrides)
+    except ValueError as err:
+        raise ConfigError(f"--network_overrides: {err}") from err
