@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
 
-    from pipelines.data.echonet_frames import FrameDataset
+    from pipelines.data.frame_reader import FrameDataset
     from pipelines.evaluation.generation import load_images
 
     if args.threads:

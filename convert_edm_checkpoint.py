@@ -37,7 +37,7 @@ def main(argv=None) -> None:
                         help="expected architecture (checked against the tensors; inferred when omitted)")
     parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                         help="config field not stored in the weights, e.g. dropout=0.05 or channels_per_head=64")
-    parser.add_argument("--drop-augment", action="store_true",
+    parser.add_argument("--drop_augment", action="store_true",
                         help="drop EDM's map_augment.weight (augmentation conditioning) instead of refusing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         return sweep_lib.main(args=args)
 
-    from pipelines.data.echonet_frames import load_frames
+    from pipelines.data.frame_reader import load_frames
     from pipelines.evaluation import protocol as ev
     from pipelines.evaluation.fid import InceptionDetector
 

@@ -22,8 +22,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.data.echonet_frames import FrameDataset  # noqa: E402
 from pipelines.data.frame_builder import build_frame_dataset  # noqa: E402
+from pipelines.data.frame_reader import FrameDataset  # noqa: E402
 from pipelines.data.synthetic_echonet import write_synthetic_echonet  # noqa: E402
 
 

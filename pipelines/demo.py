@@ -287,77 +287,37 @@ def export_pipeline(train_dir: Path, target: Path, metrics: dict[str, float], re
 
 def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
     """Runs (or resumes) the demo; returns the metrics dict also written to ``<out_dir>/metrics.json``."""
-    from pipelines.data.echonet_frames import load_frames
-    from pipelines.evaluation import protocol as ev
-    from pipelines.evaluation.fid import InceptionDetector
-    from pipelines.evaluation.generation import finished_seeds, generate_images, load_images
+    from pipelines.data.frame_reader import load_frames
     from pipelines.hub import load_pipeline
-    from pipelines.utils import atomic_write_json, save_image_grid
+    from pipelines.utils import atomic_write_json
 
     cfg = dataclasses.replace(cfg, **changes) if cfg is not None else DemoConfig(**changes)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
     seeds = list(range(cfg.num_generated))
-    sampler = {"num_inference_steps": cfg.sampler_steps}
 
     with timer.stage("data: synthetic videos + frame dataset") as row:
         frames_dir = prepare_data(cfg, out, row)
         frames = load_frames(frames_dir, cfg.split)
         print(f"{len(frames)} {cfg.split} frames of {frames.resolution}x{frames.resolution} in {frames_dir}")
-
     train_dir = out / "train"
     with timer.stage("training") as row:
         train_info = run_training(cfg, frames_dir, train_dir, row)
     with timer.stage("loss curve"):
-        history = loss_history(train_dir)
-        loss_png = plot_loss_curve(history, out / "loss_curve.png",
+        loss_png = plot_loss_curve(loss_history(train_dir), out / "loss_curve.png",
                                    f"{cfg.arch.upper()}-{cfg.precond.upper()} demo, batch {cfg.batch_size}")
 
     pipes = {"trained": load_pipeline(train_dir / "pipeline"), "untrained": untrained_pipeline(cfg, frames.channels)}
-    untrained_identity = {k: train_info["identity"][k] for k in ("arch", "precond", "network_overrides", "seed",
-                                                                 "dropout")} | {"resolution": cfg.resolution}
-    sample_dirs = {"trained": out / "samples" / f"trained-{identity_key([train_info['identity'], train_info['images_seen']])}",
-                   "untrained": out / "samples" / f"untrained-{identity_key(untrained_identity)}"}
-    for name, pipe in pipes.items():
-        with timer.stage(f"sampling {name} model ({cfg.num_generated} images, {cfg.sampler_steps} steps)") as row:
-            folder = sample_dirs[name]
-            if folder.is_dir() and set(seeds) <= finished_seeds(folder):
-                row["status"] = "reused"
-            generate_images(pipe, folder, seeds, batch_size=cfg.gen_batch_size, run_info={"model": name},
-                            progress=cfg.progress, **sampler)
-
-    detector = InceptionDetector()
-    cache = out / "cache"
-    print(f"\nNote: the Inception network runs at only ~10-17 images/s on a 2-core CPU, so this demo scores "
-          f"{cfg.num_generated} generated images against {cfg.num_real or len(frames)} real frames instead of "
-          "50,000: these FIDs are biased upwards and comparable only with each other; KID (unbiased) is "
-          "reported beside them.")
-    scores = {}
-    for name, pipe in pipes.items():
-        with timer.stage(f"FID + KID of the {name} model"):
-            scores[name] = ev.fid_of_samples(pipe, sample_dirs[name], seeds, frames, num_real=cfg.num_real,
-                                             cache_dir=cache, detector=detector, batch_size=cfg.inception_batch_size,
-                                             gen_batch_size=cfg.gen_batch_size, run_info={"model": name},
-                                             progress=cfg.progress, **sampler)
-            scores[name].pop("reference", None)
-    with timer.stage("Optimal FID of the real frames"):
-        optimal = ev.optimal_fid(frames, seed=cfg.seed, detector=detector, cache_dir=cache,
-                                 batch_size=cfg.inception_batch_size, progress=cfg.progress)
-
+    sample_dirs = sample_folders(cfg, out, train_info)
+    generate_samples(cfg, pipes, sample_dirs, seeds, timer)
+    scores, optimal = score_samples(cfg, pipes, sample_dirs, seeds, frames, out / "cache", timer)
     with timer.stage("sample grids, pipeline + model card"):
-        grid_seeds = seeds[:cfg.grid_images]
-        grid = save_image_grid(load_images(sample_dirs["trained"], seeds=grid_seeds), out / "samples_grid.png", nrow=8)
-        untrained_grid = save_image_grid(load_images(sample_dirs["untrained"], seeds=grid_seeds),
-                                         out / "untrained_grid.png", nrow=8)
-        real_idx = np.linspace(0, len(frames) - 1, num=min(cfg.grid_images, len(frames))).round().astype(int)
-        real_grid = save_image_grid(frames.images_uint8(real_idx), out / "real_grid.png", nrow=8)
-        n_gen, n_real = scores["trained"]["num_generated"], scores["trained"]["num_real"]
-        card_metrics = {f"FID ({n_gen} generated vs {n_real} real, demo)": round(scores["trained"]["fid"], 3),
-                        f"KID ({n_gen} generated vs {n_real} real, demo)": round(scores["trained"]["kid"], 5)}
-        pipeline_dir = export_pipeline(train_dir, out / "pipeline", card_metrics,
-                                       repo_id=f"echodiff-demo-{cfg.arch}-{cfg.precond}")
+        paths = write_grids_and_pipeline(cfg, out, frames, sample_dirs, seeds[:cfg.grid_images], scores, train_dir)
+    paths.update(loss_curve=str(loss_png), training_run=str(train_dir), tensorboard_logs=str(train_dir / "logs"),
+                 frames=str(frames_dir), samples={k: str(v) for k, v in sample_dirs.items()})
 
+    n_gen, n_real = scores["trained"]["num_generated"], scores["trained"]["num_real"]
     metrics = {
         "trained": scores["trained"], "untrained": scores["untrained"], "optimal_fid": optimal,
         "protocol": {"num_generated": n_gen, "num_real": n_real, "split": cfg.split, "sampler_steps": cfg.sampler_steps,
@@ -368,13 +328,7 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
             "arch": cfg.arch, "precond": cfg.precond, "network_overrides": cfg.network_overrides,
             "num_parameters": int(sum(p.numel() for p in pipes["trained"].unet.parameters())),
             "mixed_precision": train_info["config"]["mixed_precision"], "batch_size": cfg.batch_size},
-        "config": dataclasses.asdict(cfg),
-        "timings": timer.rows,
-        "paths": {"samples_grid": str(grid), "untrained_grid": str(untrained_grid), "real_grid": str(real_grid),
-                  "loss_curve": str(loss_png), "pipeline": str(pipeline_dir),
-                  "model_card": str(pipeline_dir / "README.md"), "training_run": str(train_dir),
-                  "tensorboard_logs": str(train_dir / "logs"), "frames": str(frames_dir),
-                  "samples": {k: str(v) for k, v in sample_dirs.items()}},
+        "config": dataclasses.asdict(cfg), "timings": timer.rows, "paths": paths,
     }
     metrics_path = atomic_write_json(out / "metrics.json", metrics)
     print(report(metrics, metrics_path))
@@ -382,6 +336,71 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
     metrics["timings_total_s"] = round(time.perf_counter() - timer.start, 1)
     atomic_write_json(metrics_path, metrics)
     return metrics
+
+
+def sample_folders(cfg: DemoConfig, out: Path, train_info: dict) -> dict[str, Path]:
+    """Shard folders named after what made the samples, so another model never reuses them."""
+    untrained = {k: train_info["identity"][k] for k in ("arch", "precond", "network_overrides", "seed", "dropout")}
+    return {"trained": out / "samples" / f"trained-{identity_key([train_info['identity'], train_info['images_seen']])}",
+            "untrained": out / "samples" / f"untrained-{identity_key(untrained | {'resolution': cfg.resolution})}"}
+
+
+def generate_samples(cfg: DemoConfig, pipes: dict, sample_dirs: dict[str, Path], seeds: list[int],
+                     timer: StageTimer) -> None:
+    from pipelines.evaluation.generation import finished_seeds, generate_images
+
+    for name, pipe in pipes.items():
+        with timer.stage(f"sampling {name} model ({cfg.num_generated} images, {cfg.sampler_steps} steps)") as row:
+            folder = sample_dirs[name]
+            if folder.is_dir() and set(seeds) <= finished_seeds(folder):
+                row["status"] = "reused"
+            generate_images(pipe, folder, seeds, batch_size=cfg.gen_batch_size, run_info={"model": name},
+                            progress=cfg.progress, num_inference_steps=cfg.sampler_steps)
+
+
+def score_samples(cfg: DemoConfig, pipes: dict, sample_dirs: dict[str, Path], seeds: list[int], frames,
+                  cache: Path, timer: StageTimer) -> tuple[dict, dict]:
+    """FID + KID of both models' samples and the Optimal FID of the real frames."""
+    from pipelines.evaluation import protocol as ev
+    from pipelines.evaluation.fid import InceptionDetector
+
+    detector = InceptionDetector()
+    print(f"\nNote: the Inception network runs at only ~10-17 images/s on a 2-core CPU, so this demo scores "
+          f"{cfg.num_generated} generated images against {cfg.num_real or len(frames)} real frames instead of "
+          "50,000: these FIDs are biased upwards and comparable only with each other; KID (unbiased) is "
+          "reported beside them.")
+    scores = {}
+    for name, pipe in pipes.items():
+        with timer.stage(f"FID + KID of the {name} model"):
+            scores[name] = ev.fid_of_samples(pipe, sample_dirs[name], seeds, frames, num_real=cfg.num_real,
+                                             cache_dir=cache, detector=detector, batch_size=cfg.inception_batch_size,
+                                             gen_batch_size=cfg.gen_batch_size, run_info={"model": name},
+                                             progress=cfg.progress, num_inference_steps=cfg.sampler_steps)
+            scores[name].pop("reference", None)
+    with timer.stage("Optimal FID of the real frames"):
+        optimal = ev.optimal_fid(frames, seed=cfg.seed, detector=detector, cache_dir=cache,
+                                 batch_size=cfg.inception_batch_size, progress=cfg.progress)
+    return scores, optimal
+
+
+def write_grids_and_pipeline(cfg: DemoConfig, out: Path, frames, sample_dirs: dict[str, Path], grid_seeds: list[int],
+                             scores: dict, train_dir: Path) -> dict[str, str]:
+    """The sample grids (trained, untrained, real) and the published pipeline folder; returns their paths."""
+    from pipelines.evaluation.generation import load_images
+    from pipelines.utils import save_image_grid
+
+    grid = save_image_grid(load_images(sample_dirs["trained"], seeds=grid_seeds), out / "samples_grid.png", nrow=8)
+    untrained_grid = save_image_grid(load_images(sample_dirs["untrained"], seeds=grid_seeds),
+                                     out / "untrained_grid.png", nrow=8)
+    real_idx = np.linspace(0, len(frames) - 1, num=min(cfg.grid_images, len(frames))).round().astype(int)
+    real_grid = save_image_grid(frames.images_uint8(real_idx), out / "real_grid.png", nrow=8)
+    n_gen, n_real = scores["trained"]["num_generated"], scores["trained"]["num_real"]
+    card_metrics = {f"FID ({n_gen} generated vs {n_real} real, demo)": round(scores["trained"]["fid"], 3),
+                    f"KID ({n_gen} generated vs {n_real} real, demo)": round(scores["trained"]["kid"], 5)}
+    pipeline_dir = export_pipeline(train_dir, out / "pipeline", card_metrics,
+                                   repo_id=f"echodiff-demo-{cfg.arch}-{cfg.precond}")
+    return {"samples_grid": str(grid), "untrained_grid": str(untrained_grid), "real_grid": str(real_grid),
+            "pipeline": str(pipeline_dir), "model_card": str(pipeline_dir / "README.md")}
 
 
 def report(metrics: dict, metrics_path: Path) -> str:

@@ -197,7 +197,7 @@ def frame_dataset(tmp_path_factory):
 
 def test_cli_end_to_end_and_rerun_skips(frame_dataset, tmp_path, monkeypatch, capsys):
     import evaluate_distribution_shift
-    from pipelines.data.echonet_frames import FrameDataset
+    from pipelines.data.frame_reader import FrameDataset
 
     real = FrameDataset(str(frame_dataset / "frames"), "train").images_uint8()
     np.savez(tmp_path / "inverted.npz", images=255 - real)

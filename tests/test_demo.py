@@ -34,7 +34,7 @@ def test_demo_outputs_are_valid(demo):
             assert math.isfinite(stored[model][key]), (model, key)
         assert stored[model]["fid"] > 0
         assert stored[model]["num_generated"] == cfg.num_generated
-    from pipelines.data.echonet_frames import FrameDataset
+    from pipelines.data.frame_reader import FrameDataset
 
     num_train = len(FrameDataset(out / "data" / "frames_16", split="train"))
     assert stored["trained"]["num_real"] == num_train

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 import pipelines.data.frame_builder as builder
-from pipelines.data.echonet_frames import FrameDataset, load_frames
 from pipelines.data.frame_builder import build_frame_dataset, push_frame_dataset
+from pipelines.data.frame_reader import FrameDataset, load_frames
 from pipelines.data.synthetic_echonet import write_synthetic_echonet
 
 REPO = Path(__file__).resolve().parents[1]

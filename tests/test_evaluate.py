@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import evaluate
-from pipelines.data.echonet_frames import load_frames
+from pipelines.data.frame_reader import load_frames
 from pipelines.evaluation.feature_cache import FingerprintMismatchError
 from pipelines.evaluation.fid import InceptionDetector, compute_features, feature_statistics, frechet_distance
 from pipelines.evaluation.generation import load_images

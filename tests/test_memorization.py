@@ -148,8 +148,8 @@ def test_bad_input_is_named(frames):
 
 def test_cli_flags_copies_filters_and_keeps_seeds(tmp_path):
     import audit_memorization
-    from pipelines.data.echonet_frames import FrameDataset
     from pipelines.data.frame_builder import build_frame_dataset
+    from pipelines.data.frame_reader import FrameDataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
 
     echonet = write_synthetic_echonet(tmp_path / "echonet", num_videos=16, seed=3, num_workers=0, num_frames=(30, 40))

@@ -213,7 +213,7 @@ def test_sgd_gradient_is_independent_of_the_chunking(frames16):
 
     from accelerate import Accelerator
 
-    from pipelines.data.echonet_frames import FrameDataset
+    from pipelines.data.frame_reader import FrameDataset
 
     dataset = FrameDataset(frames16)
     images = torch.stack([dataset[i]["image"] for i in range(8)])
@@ -250,7 +250,7 @@ def test_sgd_gradient_is_independent_of_the_chunking(frames16):
 
 def fixed_set_loss(net, loss_fn, dataset_path, seed=0, repeats=4):
     """Mean loss of ``net`` on every training image with fixed noise (repeats x per image)."""
-    from pipelines.data.echonet_frames import FrameDataset
+    from pipelines.data.frame_reader import FrameDataset
 
     images = to_float(torch.as_tensor(FrameDataset(dataset_path).images_uint8()))
     n = images.shape[0]
@@ -488,7 +488,7 @@ def test_two_cpu_processes_data_parallel_match_one_process(frames16, tmp_path, o
     assert store.read_state(store.latest())["world_size"] == 2  # really two processes (not one, as
     # accelerate launch --cpu would run)
     # The two ranks' samplers split each global batch of the one-process run between them, without overlap.
-    from pipelines.data.echonet_frames import FrameDataset
+    from pipelines.data.frame_reader import FrameDataset
 
     size = len(FrameDataset(frames16))
     one_process = iter(RankBatchSampler(size, batch_layout(8, 1, None), rank=0, seed=0))

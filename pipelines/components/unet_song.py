@@ -92,49 +92,55 @@ class SongUNet2DModel(EDMUNetMixin, ModelMixin, ConfigMixin):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        self.enc = nn.ModuleDict()
-        cout = caux = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = sample_size >> level
-            if level == 0:
-                cin, cout = cout, model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-                if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Resample(caux, down=True, resample_filter=tuple(resample_filter))
-                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **init)
-                if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
-                        caux, cout, 3, down=True, resample_filter=tuple(resample_filter), fused_resample=True, **init
-                    )
-                    caux = cout
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=res in attn_resolutions, **block_kwargs
-                )
-        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
+        # Built in EDM's order (encoder, then decoder), so a seed gives EDM's initial weights.
+        self.enc = self._encoder(block_kwargs, init)
+        self.dec = self._decoder(block_kwargs, init_zero)
 
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = sample_size >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
+    def _encoder(self, block_kwargs: dict, init: dict) -> nn.ModuleDict:
+        c = self.config
+        enc, cout, caux, resample_filter = nn.ModuleDict(), c.in_channels, c.in_channels, tuple(c.resample_filter)
+        for level, mult in enumerate(c.channel_mult):
+            res = c.sample_size >> level
+            if level == 0:
+                cin, cout = cout, c.model_channels
+                enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
             else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=(idx == num_blocks and res in attn_resolutions), **block_kwargs
-                )
-            if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Resample(out_channels, up=True,
-                                                              resample_filter=tuple(resample_filter))
-                self.dec[f"{res}x{res}_aux_norm"] = group_norm(cout, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
+                enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
+                if c.encoder_type == "skip":
+                    enc[f"{res}x{res}_aux_down"] = Resample(caux, down=True, resample_filter=resample_filter)
+                    enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **init)
+                if c.encoder_type == "residual":
+                    enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, 3, down=True, resample_filter=resample_filter,
+                                                              fused_resample=True, **init)
+                    caux = cout
+            for idx in range(c.num_blocks):
+                cin, cout = cout, c.model_channels * mult
+                enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in c.attn_resolutions,
+                                                           **block_kwargs)
+        return enc
+
+    def _decoder(self, block_kwargs: dict, init_zero: dict) -> nn.ModuleDict:
+        c = self.config
+        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
+        dec, cout, top = nn.ModuleDict(), skips[-1], len(c.channel_mult) - 1
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            res = c.sample_size >> level
+            if level == top:
+                dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+                dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
+            else:
+                dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
+            for idx in range(c.num_blocks + 1):
+                cin, cout = cout + skips.pop(), c.model_channels * mult
+                dec[f"{res}x{res}_block{idx}"] = UNetBlock(
+                    cin, cout, attention=(idx == c.num_blocks and res in c.attn_resolutions), **block_kwargs)
+            if c.decoder_type == "skip" or level == 0:
+                if c.decoder_type == "skip" and level < top:
+                    dec[f"{res}x{res}_aux_up"] = Resample(c.out_channels, up=True,
+                                                          resample_filter=tuple(c.resample_filter))
+                dec[f"{res}x{res}_aux_norm"] = group_norm(cout, eps=1e-6)
+                dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, c.out_channels, 3, **init_zero)
+        return dec
 
     def _embedding(self, timestep: torch.Tensor, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         emb = self.map_noise(timestep)

@@ -1,6 +1,6 @@
 """EchoNet-Dynamic data: the frame dataset's reader and builder, the synthetic generator, shared layout.
 
-- ``echonet_frames``: ``FrameDataset`` (torch ``Dataset``) and ``load_frames`` (several splits as one);
+- ``frame_reader``: ``FrameDataset`` (torch ``Dataset``) and ``load_frames`` (several splits as one);
 - ``frame_builder``: ``build_frame_dataset`` (resumable), its dataset card, ``push_frame_dataset``;
 - ``synthetic_echonet``: ``write_synthetic_echonet`` (an EchoNet-layout folder), ``synthetic_frames``;
 - ``layout``: EchoNet's CSV columns and split names, the frame dataset's schema, worker processes.
@@ -15,8 +15,8 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "FrameDataset": "echonet_frames",
-    "load_frames": "echonet_frames",
+    "FrameDataset": "frame_reader",
+    "load_frames": "frame_reader",
     "build_frame_dataset": "frame_builder",
     "push_frame_dataset": "frame_builder",
     "write_synthetic_echonet": "synthetic_echonet",

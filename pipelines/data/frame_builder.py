@@ -4,7 +4,7 @@ The builder keeps every ``frame_stride``-th frame (index mod stride == 0, from 0
 grayscale, resized to ``resolution`` with ``resize_filter``, with the video's metadata and whether the
 frame is EchoNet's traced end-diastolic / end-systolic frame, into train / validation / test from
 FileList's Split (patient-level: one video never crosses splits). The schema is
-:func:`pipelines.data.layout.frame_features`; :class:`pipelines.data.echonet_frames.FrameDataset` reads it.
+:func:`pipelines.data.layout.frame_features`; :class:`pipelines.data.frame_reader.FrameDataset` reads it.
 
 Layout of ``out_dir`` after a build: the ``save_to_disk`` folders (``dataset_dict.json``, one folder per
 split), ``build_summary.json`` (options, per-split totals, every skipped video with its reason; counts

@@ -194,7 +194,7 @@ def evaluate_run(config: SweepConfig, run: SweepRun, cache_dir: Path, progress: 
     """FID (+ KID) of the run's exported pipeline with the sweep's protocol; None on non-main processes."""
     from accelerate import Accelerator
 
-    from pipelines.data.echonet_frames import load_frames
+    from pipelines.data.frame_reader import load_frames
     from pipelines.evaluation import protocol as ev
     from pipelines.evaluation.fid import InceptionDetector
     from pipelines.hub import load_pipeline

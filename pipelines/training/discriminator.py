@@ -434,7 +434,7 @@ def _write_selection(out_dir: Path, table_name: str, scores: dict[int, float], m
 def real_images(dataset: str | os.PathLike, split: str = "train", num: int | None = 50_000, seed: int = 0,
                 channels: int | None = None) -> np.ndarray:
     """A seeded subsample of ``num`` real frames (all when ``num`` is None or larger) as uint8 NCHW."""
-    from pipelines.data.echonet_frames import FrameDataset
+    from pipelines.data.frame_reader import FrameDataset
 
     frames = FrameDataset(dataset, split=split, channels=channels)
     return frames.images_uint8(seeded_subset(len(frames), num, seed))

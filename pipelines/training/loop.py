@@ -136,7 +136,7 @@ def _make_accelerator(cfg: TrainConfig):
 
 def open_dataset(cfg: TrainConfig):
     """The training split as a ``FrameDataset``, with --resolution checked against it."""
-    from pipelines.data.echonet_frames import FrameDataset
+    from pipelines.data.frame_reader import FrameDataset
 
     try:
         dataset = FrameDataset(cfg.dataset, split=cfg.split, channels=cfg.channels)
