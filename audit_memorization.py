@@ -1,6 +1,6 @@
 """Memorization / privacy audit of generated frames against the training frames.
 
-    python audit_memorization.py --data data/echonet-frames-64 --generated samples/adm_edm_dg \
+    python audit_memorization.py --dataset data/echonet-frames-64 --generated samples/adm_edm_dg \
         --output_dir results/audit --features pixel inception --filter
 
 For each generated frame: its nearest training frame (pixel correlation and/or Inception cosine), a
@@ -31,7 +31,7 @@ TRAIN_KEY, HELDOUT_KEY, GENERATED_KEY = 0, 1, 2
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="frame dataset folder (build_frame_dataset) or Hub id")
+    parser.add_argument("--dataset", required=True, help="frame dataset folder (build_frame_dataset) or Hub id")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--heldout_splits", nargs="+", default=["validation"],
                         help="real splits never trained on, for the threshold (e.g. validation test)")
@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.generated).exists():
         parser.error(f"--generated '{args.generated}' does not exist (a shard folder, .npz or PNG folder)")
     generated_all, seeds_all = load_images(args.generated, return_seeds=True)
-    train_ds = FrameDataset(args.data, split=args.train_split, channels=generated_all.shape[1])
+    train_ds = FrameDataset(args.dataset, split=args.train_split, channels=generated_all.shape[1])
     train_idx = seeded_subset(len(train_ds), args.max_train, [args.seed, TRAIN_KEY])
     heldout_parts = []
     for split in args.heldout_splits:
-        ds = FrameDataset(args.data, split=split, channels=generated_all.shape[1])
+        ds = FrameDataset(args.dataset, split=split, channels=generated_all.shape[1])
         heldout_parts.append(FrameSource(ds, np.arange(len(ds)), split))
     total_heldout = sum(len(p.indices) for p in heldout_parts)
     keep = seeded_subset(total_heldout, args.max_heldout, [args.seed, HELDOUT_KEY])
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             "generated": [FrameSource(ArrayFrames(generated_all, str(args.generated)), gen_idx, "generated")],
         }
         inception_fn = cached_inception_fn(sources, cache_dir, batch_size=args.batch_size, progress=True)
-    metadata = {"data": str(args.data), "train_split": args.train_split, "heldout_splits": args.heldout_splits,
+    metadata = {"dataset": str(args.dataset), "train_split": args.train_split, "heldout_splits": args.heldout_splits,
                 "generated": str(args.generated), "max_train": args.max_train, "seed": args.seed}
     summary = run_memorization_audit(
         train, heldout, generated, args.output_dir, train_video_ids=video_ids, feature_spaces=args.features,

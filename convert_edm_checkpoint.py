@@ -12,6 +12,7 @@ import json
 import logging
 
 from pipelines.convert_edm import convert_edm_checkpoint
+from pipelines.networks import ARCHITECTURES
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("checkpoint", help="EDM network: state_dict .pt/.pth, .safetensors, or network-snapshot-*.pkl")
     parser.add_argument("out_dir", help="output folder for the diffusers model (config.json + safetensors)")
-    parser.add_argument("--arch", choices=["adm", "ddpmpp", "ncsnpp"], default=None,
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
                         help="expected architecture (checked against the tensors; inferred when omitted)")
     parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                         help="config field not stored in the weights, e.g. dropout=0.05 or channels_per_head=64")

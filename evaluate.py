@@ -22,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipelines.cli import int_list_arg, json_object_arg
+
 
 def _add_reference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="frame dataset folder (build_frame_dataset) or Hub id")
@@ -48,7 +50,7 @@ def _add_generation_args(parser: argparse.ArgumentParser, seeds_default: str = "
     parser.add_argument("--seeds", default=seeds_default, help=f"seeds, EDM style (default {seeds_default})")
     parser.add_argument("--gen_batch_size", type=int, default=32, help="images per pipeline call (per process)")
     parser.add_argument("--samples_dir", default=None, help="shard folder (default <output_dir>/samples-steps<N>)")
-    parser.add_argument("--sampler_kwargs", default="{}",
+    parser.add_argument("--sampler_kwargs", type=json_object_arg, default={},
                         help='extra pipeline arguments as JSON, e.g. \'{"s_churn": 40}\'')
 
 
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--steps", type=int, default=30, help="sampler steps N (NFE = 2N - 1; default 30)")
     fid.add_argument("--gen_batch_size", type=int, default=32, help="images per pipeline call (per process)")
     fid.add_argument("--samples_dir", default=None, help="shard folder (default <output_dir>/samples-steps<N>)")
-    fid.add_argument("--sampler_kwargs", default="{}", help="extra pipeline arguments as JSON")
+    fid.add_argument("--sampler_kwargs", type=json_object_arg, default={}, help="extra pipeline arguments as JSON")
     fid.add_argument("--no_kid", action="store_true", help="skip KID (needs the real subsample's features)")
     _add_reference_args(fid)
     _add_common_args(fid)
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(opt)
 
     nfe = sub.add_parser("fid-vs-nfe", help="FID over sampler step counts (Figure 1)")
-    nfe.add_argument("--steps", default="5,10,18,30,50", help="comma list of step counts N")
+    nfe.add_argument("--steps", type=int_list_arg, default=[5, 10, 18, 30, 50],
+                     help="comma list of step counts N (default 5,10,18,30,50)")
     nfe.add_argument("--no_kid", action="store_true", help="skip KID")
     _add_generation_args(nfe)
     _add_reference_args(nfe)
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--num_gen", type=int, default=50_000, help="generated images per repeat (paper: 50000)")
     var.add_argument("--model", required=True, help="pipeline folder or Hub id")
     var.add_argument("--gen_batch_size", type=int, default=32, help="images per pipeline call (per process)")
-    var.add_argument("--sampler_kwargs", default="{}", help="extra pipeline arguments as JSON")
+    var.add_argument("--sampler_kwargs", type=json_object_arg, default={}, help="extra pipeline arguments as JSON")
     _add_reference_args(var)
     _add_common_args(var)
 
@@ -97,16 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep_lib.build_parser(sub.add_parser("sweep", help="Table 1 grid (configs/sweep_table1.yaml, configs/sweep_demo.yaml)"))
     return parser
-
-
-def _sampler_kwargs(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"--sampler_kwargs must be a JSON object, got {text!r} ({exc})") from exc
-    if not isinstance(value, dict):
-        raise SystemExit(f"--sampler_kwargs must be a JSON object, got {text!r}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -158,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     accelerator = Accelerator()
     pipeline = load_pipeline(args.model, device=str(accelerator.device))
-    sampler_kwargs = _sampler_kwargs(args.sampler_kwargs)
+    sampler_kwargs = args.sampler_kwargs
     run_info = {"model": str(args.model)}
     detector = InceptionDetector(device=device) if accelerator.is_main_process else None
     gen = {"gen_batch_size": args.gen_batch_size, "accelerator": accelerator, "run_info": run_info}
@@ -169,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                    detector=detector, kid=not args.no_kid, **gen, **common, **sampler_kwargs)
         path = out / "fid.json"
     elif args.command == "fid-vs-nfe":
-        steps = [int(s) for s in args.steps.split(",") if s.strip()]
+        steps = args.steps
         rows = ev.fid_vs_nfe(pipeline, steps, frames, out, seeds=args.seeds, detector=detector,
                              kid=not args.no_kid, **gen, **common, **sampler_kwargs)
         result = None if rows is None else {"rows": rows, "csv": str(out / "fid_vs_nfe.csv"),

@@ -1,6 +1,6 @@
 """Real-vs-generated classifiers (the paper's Table 2): Linear, ResNet-18 and Aug. ResNet-18.
 
-    python evaluate_distribution_shift.py --real data/echonet-frames-64 \
+    python evaluate_distribution_shift.py --dataset data/echonet-frames-64 \
         --generated Pre-DG=samples/adm_edm --generated Post-DG=samples/adm_edm_dg --output_dir results/table2
 
 Writes table.md / table.csv / results.json, per-epoch tensorboard curves and resumable per-classifier
@@ -38,8 +38,8 @@ def parse_generated(values: list[str]) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--real", required=True, help="frame dataset folder (build_frame_dataset) or Hub id")
-    parser.add_argument("--real_split", default="train", help="split of the real frames (default train)")
+    parser.add_argument("--dataset", required=True, help="frame dataset folder (build_frame_dataset) or Hub id")
+    parser.add_argument("--split", default="train", help="split of the real frames (default train)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
                         help="channels of the real frames (default: the dataset's, 1 for echo)")
     parser.add_argument("--generated", action="append", required=True, metavar="NAME=PATH",
@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
         augment=AugmentConfig(max_zoom=args.max_zoom, flip_p=args.flip_p, max_rotation_deg=args.max_rotation),
     )
-    dataset = FrameDataset(args.real, split=args.real_split, channels=args.channels)
+    dataset = FrameDataset(args.dataset, split=args.split, channels=args.channels)
     real = dataset.images_uint8(select_subset(len(dataset), args.num_per_class, args.seed, 0))
-    print(f"real: {len(real)} frames of {real.shape[1:]} from {args.real} ({args.real_split})")
+    print(f"real: {len(real)} frames of {real.shape[1:]} from {args.dataset} ({args.split})")
     sets = {name: (lambda path=path: load_images(path)) for name, path in generated_paths.items()}
     run_distribution_shift(real, sets, args.output_dir, classifiers=args.classifiers, config=config,
                            num_per_class=args.num_per_class, val_fraction=args.val_fraction,

@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipelines.cli import int_list_arg, json_object_arg
+from pipelines.components.guidance import DG_SIGMA_MIN
 from pipelines.training.discriminator import DISCRIMINATOR_VARIANTS, SIGMA_DISTRIBUTIONS
 
 STAGES = ("train", "select", "export")
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="adm: encoder trained from scratch; unet-encoder: the diffusion UNet's frozen encoder "
                            "+ a small trainable head (default adm)")
     arch.add_argument("--tiny", action="store_true", help="a tiny discriminator (tests / CPU demos)")
-    arch.add_argument("--disc_config", default="{}", help="JSON overrides of the discriminator config")
+    arch.add_argument("--disc_config", type=json_object_arg, default={}, help="JSON overrides of the discriminator config")
     train = p.add_argument_group("training (defaults: the DG reference)")
     train.add_argument("--epochs", type=int, default=50, help="default 50")
     train.add_argument("--batch_size", type=int, default=128, help="global batch size (default 128)")
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val_buckets", type=int, default=8, help="sigma buckets for validation accuracy (default 8)")
     train.add_argument("--seed", type=int, default=0, help="default 0")
     sel = p.add_argument_group("epoch selection (FID of DG samples) and DG settings")
-    sel.add_argument("--select_epochs", default="all", help="'all' (default) or a comma list of epochs to score")
+    sel.add_argument("--select_epochs", type=lambda text: text if text == "all" else int_list_arg(text), default="all",
+                     help="'all' (default) or a comma list of epochs to score")
     sel.add_argument("--selection_seeds", default="0-49999", help="seeds of the DG samples scored (default 0-49999)")
     sel.add_argument("--num_ref", type=int, default=50_000, help="real subsample size of the FID reference "
                                                                  "(default 50000)")
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--dg_weight_second_order", type=float, default=0.0, help="paper: 0 (default)")
     sel.add_argument("--dg_boost", type=float, default=2.0, help="paper: 2 (default)")
     sel.add_argument("--dg_boost_churn", action="store_true", help="the reference's extra churn (off by default)")
-    sel.add_argument("--dg_sigma_min", type=float, default=0.0447, help="guidance window start (default 0.0447)")
+    sel.add_argument("--dg_sigma_min", type=float, default=DG_SIGMA_MIN,
+                     help=f"guidance interval start (default {DG_SIGMA_MIN})")
     sel.add_argument("--dg_sigma_max", type=float, default=None, help="guidance window end (default: none)")
     p.add_argument("--no_progress_bar", action="store_true", help="hide progress bars")
     return p
@@ -86,11 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not stages or sorted(set(stages) - set(STAGES)):
         raise SystemExit(f"--stages must list train, select and/or export, got {args.stages!r}")
-    try:
-        disc_overrides = json.loads(args.disc_config)
-        assert isinstance(disc_overrides, dict)
-    except (json.JSONDecodeError, AssertionError):
-        raise SystemExit(f"--disc_config must be a JSON object, got {args.disc_config!r}") from None
+    disc_overrides = args.disc_config
 
     from accelerate import Accelerator
 
@@ -157,7 +157,7 @@ def _select_stage(args, pipeline, dg_kwargs: dict, accelerator) -> tuple[int, li
     out = Path(args.output_dir)
     frames = load_frames(args.dataset, args.split)
     seeds = parse_seeds(args.selection_seeds)
-    epochs = None if args.select_epochs == "all" else [int(e) for e in args.select_epochs.split(",") if e]
+    epochs = None if args.select_epochs == "all" else args.select_epochs
     fid_options = {"num_real": args.num_ref, "batch_size": args.fid_batch_size,
                    "cache_dir": Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR}
     score = dg.fid_epoch_scorer(pipeline, out, frames, seeds, args.steps, args.gen_batch_size, accelerator,

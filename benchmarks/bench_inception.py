@@ -26,7 +26,7 @@ from pipelines.data.synthetic_echonet import synthetic_frames  # noqa: E402
 from pipelines.evaluation.fid import InceptionDetector  # noqa: E402
 
 
-def _time(fn, images, warmup: int, repeats: int) -> tuple[torch.Tensor, float]:
+def time_detector(fn, images, warmup: int, repeats: int) -> tuple[torch.Tensor, float]:
     for _ in range(warmup):  # TorchScript's profiling executor optimises after its first calls
         out = fn(images)
     times = []
@@ -55,7 +55,7 @@ def main(argv=None) -> list[dict]:
     images = torch.from_numpy(synthetic_frames(args.images, seed=0, resolution=64))
 
     plain = InceptionDetector(backend="torchscript", channels_last=False, micro_batch=0)
-    reference, plain_speed = _time(plain, images, args.warmup, args.repeats)
+    reference, plain_speed = time_detector(plain, images, args.warmup, args.repeats)
     rows = [{"variant": "torchscript as shipped (plain, NCHW, one batch)", "img_per_s": plain_speed, "max_rel_err": 0.0}]
 
     variants = [
@@ -70,17 +70,17 @@ def main(argv=None) -> list[dict]:
     detectors = {}
     for name, kwargs in variants:
         detectors[name] = detector = InceptionDetector(**kwargs)
-        out, speed = _time(detector, images, args.warmup, args.repeats)
-        rows.append({"variant": name, "img_per_s": speed, "max_rel_err": _rel_err(out, reference)})
+        out, speed = time_detector(detector, images, args.warmup, args.repeats)
+        rows.append({"variant": name, "img_per_s": speed, "max_rel_err": relative_error(out, reference)})
 
     default = detectors["eager (BN folded), channels-last, micro-batch 8 [default]"]
     with torch.inference_mode():
         frozen = torch.jit.optimize_for_inference(torch.jit.freeze(plain.net))
     opt = InceptionDetector(backend="torchscript", channels_last=False, micro_batch=8)
     opt.net = frozen
-    out, speed = _time(opt, images, args.warmup, args.repeats)
+    out, speed = time_detector(opt, images, args.warmup, args.repeats)
     rows.append({"variant": "torchscript freeze + optimize_for_inference, micro-batch 8", "img_per_s": speed,
-                 "max_rel_err": _rel_err(out, reference)})
+                 "max_rel_err": relative_error(out, reference)})
 
     if args.compile:
         compiled = InceptionDetector(backend="eager", micro_batch=8)
@@ -88,16 +88,16 @@ def main(argv=None) -> list[dict]:
         start = time.perf_counter()
         compiled(images[:8])
         compile_s = time.perf_counter() - start
-        out, speed = _time(compiled, images, args.warmup, args.repeats)
+        out, speed = time_detector(compiled, images, args.warmup, args.repeats)
         rows.append({"variant": f"eager + torch.compile (compile {compile_s:.0f} s)", "img_per_s": speed,
-                     "max_rel_err": _rel_err(out, reference)})
+                     "max_rel_err": relative_error(out, reference)})
     if args.bf16:
         def bf16(x):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return default(x)
-        out, speed = _time(bf16, images, args.warmup, args.repeats)
+        out, speed = time_detector(bf16, images, args.warmup, args.repeats)
         rows.append({"variant": "eager + bf16 autocast (NOT allowed: accuracy)", "img_per_s": speed,
-                     "max_rel_err": _rel_err(out, reference)})
+                     "max_rel_err": relative_error(out, reference)})
 
     print(f"Inception features, {args.images} images 64x64 gray -> 299, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
@@ -111,7 +111,7 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
-def _rel_err(out: torch.Tensor, reference: torch.Tensor) -> float:
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return float((out.double() - reference.double()).abs().max() / reference.double().abs().max())
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.networks import ARCHITECTURES  # noqa: E402
+
 
 def run_one(arch: str, mixed_precision: str, batch: int, warmup: int, reps: int, threads: int) -> dict:
     import torch
@@ -62,7 +64,7 @@ def run_one(arch: str, mixed_precision: str, batch: int, warmup: int, reps: int,
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", nargs="+", default=["adm", "ddpmpp", "ncsnpp"])
+    p.add_argument("--arch", nargs="+", default=list(ARCHITECTURES), choices=sorted(ARCHITECTURES))
     p.add_argument("--mixed_precision", nargs="+", default=["no", "bf16"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--warmup", type=int, default=1)

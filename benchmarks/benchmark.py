@@ -43,8 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 sys.path.insert(0, str(REPO / "benchmarks"))  # the other bench scripts, reused by import
 
+from pipelines.networks import ARCHITECTURES  # noqa: E402
+
 ROWS = ("ceiling", "train", "sample", "optim", "dg", "losscurve", "inception", "data")
-ARCHS = ("adm", "ddpmpp", "ncsnpp")
+ARCHS = tuple(ARCHITECTURES)
 PRECISIONS = ("fp32", "bf16")
 # NVlabs EDM, fp32, 2 threads, batch 8, 64x64, 3 channels, on this machine kind (issue 10).
 REFERENCE = {
@@ -132,13 +134,13 @@ def matmul_ceiling(size: int, warmup: int, reps: int) -> dict:
 def network_cell(spec: dict) -> dict:
     """Train and/or sample timing of one (arch, precision, options) configuration."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     from pipelines.ema import EDMEma
     from pipelines.training import TrainConfig
     from pipelines.training.data_order import batch_layout
     from pipelines.training.stats import TrainStats
     from pipelines.training.step import build_components, train_step
+    from pipelines.utils import reset_accelerate_state
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -152,7 +154,7 @@ def network_cell(spec: dict) -> dict:
               "threads": spec["threads"], "options": {k: spec[k] for k in OPTION_KEYS}}
     result.update(count_flops(arch, channels, res, spec["quick"]))
     rss_before = peak_rss_gib()
-    AcceleratorState._reset_state(reset_partial_state=True)  # in-process (--no-isolate) cells differ in precision
+    reset_accelerate_state()  # in-process (--no_isolate) cells differ in precision
     accelerator = Accelerator(cpu=True, mixed_precision=cfg.mixed_precision)
     net, loss_fn, _ = build_components(cfg, resolution=res, channels=channels)
     result["params_M"] = sum(p.numel() for p in net.parameters()) / 1e6
@@ -312,7 +314,6 @@ def loss_curve_cell(steps: int, quick: bool, threads: int, batch: int) -> dict:
     frames, lr 1e-3 (EDM's, past the warm-up), through ``pipelines.training.step.train_step``.
     """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     from pipelines.data.synthetic_echonet import synthetic_frames
     from pipelines.networks import tiny_config
@@ -320,6 +321,7 @@ def loss_curve_cell(steps: int, quick: bool, threads: int, batch: int) -> dict:
     from pipelines.training.data_order import batch_layout
     from pipelines.training.stats import TrainStats
     from pipelines.training.step import build_components, train_step
+    from pipelines.utils import reset_accelerate_state
 
     torch.set_num_threads(threads)
     res = 16 if quick else 32
@@ -330,7 +332,7 @@ def loss_curve_cell(steps: int, quick: bool, threads: int, batch: int) -> dict:
     for precision in PRECISIONS:
         cfg = TrainConfig(dataset="-", output_dir="-", arch="ddpmpp", batch_size=batch, network_overrides=overrides,
                           mixed_precision="bf16" if precision == "bf16" else "no")
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate_state()
         accelerator = Accelerator(cpu=True, mixed_precision=cfg.mixed_precision)
         torch.manual_seed(0)  # identical initial weights and dropout streams in both runs
         net, loss_fn, _ = build_components(cfg, resolution=res, channels=1)
@@ -362,7 +364,7 @@ def loss_curve_cell(steps: int, quick: bool, threads: int, batch: int) -> dict:
 
 
 def inception_cell(images: int, warmup: int, reps: int, threads: int) -> dict:
-    from bench_inception import _rel_err, _time
+    from bench_inception import relative_error, time_detector
 
     from pipelines.data.synthetic_echonet import synthetic_frames
     from pipelines.evaluation.fid import InceptionDetector
@@ -370,16 +372,16 @@ def inception_cell(images: int, warmup: int, reps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     frames = torch.from_numpy(synthetic_frames(images, seed=0, resolution=64))
     plain = InceptionDetector(backend="torchscript", channels_last=False, micro_batch=0)
-    reference, plain_speed = _time(plain, frames, warmup, reps)
+    reference, plain_speed = time_detector(plain, frames, warmup, reps)
     default = InceptionDetector()
-    features, default_speed = _time(default, frames, warmup, reps)
+    features, default_speed = time_detector(default, frames, warmup, reps)
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:  # the 299x299 network's FLOPs, for the share of the ceiling
         default(frames[:1])
     gflop_per_img = counter.get_total_flops() / 1e9
     return {"images": images, "torchscript_img_s": plain_speed, "default_img_s": default_speed,
-            "default_max_rel_err": _rel_err(features, reference), "default_backend": default.backend,
+            "default_max_rel_err": relative_error(features, reference), "default_backend": default.backend,
             "gflop_per_img": gflop_per_img, "default_gflop_s": gflop_per_img * default_speed}
 
 

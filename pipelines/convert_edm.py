@@ -203,7 +203,7 @@ def map_edm_state_dict(
                 raise EDMConversionError(
                     "key 'map_augment.weight': the EDM network was trained with augmentation labels "
                     "(augment_dim > 0), which our models do not have; pass drop_augment=True "
-                    "(--drop-augment) to drop it (it only acts when augment labels are given)"
+                    "(--drop_augment) to drop it (it only acts when augment labels are given)"
                 )
             logger.warning("dropping 'map_augment.weight' (augmentation conditioning)")
         elif key in derived_buffers:

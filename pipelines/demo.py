@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.utils import reset_accelerate_state
+from pipelines.utils import atomic_write_json, jsonable, reset_accelerate_state
 
 # Calibrated on the 2-core reference CPU (bf16 autocast): this network trains at ~50 img/s and samples
 # at ~3.4 img/s with 18 Heun steps; Inception features run at ~17 img/s.
@@ -84,7 +84,7 @@ class DemoConfig:
 
 
 def tiny_demo_config(out_dir: str, **changes: Any) -> DemoConfig:
-    """A seconds-long demo (16 px, a ~30k-parameter network, a handful of images) for tests."""
+    """A seconds-long demo (16 px, a ~30k-parameter network, a handful of images): ``demo.py --tiny`` and the tests."""
     tiny = dict(out_dir=out_dir, num_videos=8, video_frames=(20, 26), resolution=16,
                 network_overrides={"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
                                    "attn_resolutions": [8]},
@@ -130,7 +130,7 @@ def prepare_data(cfg: DemoConfig, out: Path, row: dict) -> Path:
     echonet, frames = out / "data" / "echonet_synthetic", out / "data" / f"frames_{cfg.resolution}"
     reused = []
     filelist = echonet / "FileList.csv"
-    if filelist.is_file() and sum(1 for _ in open(filelist)) - 1 == cfg.num_videos:
+    if filelist.is_file() and len(filelist.read_text().splitlines()) - 1 == cfg.num_videos:
         reused.append("synthetic videos")
     else:  # FileList.csv is written last: without it (or with another size) the folder is redone
         write_synthetic_echonet(echonet, num_videos=cfg.num_videos, seed=cfg.seed, num_frames=cfg.video_frames,
@@ -173,7 +173,7 @@ def model_identity(tcfg) -> dict:
     """The run's settings that decide the model it produces (the ones that only change how it is shown dropped)."""
     from pipelines.training.config import DISPLAY, fields_with_resume_role
 
-    config = json.loads(json.dumps(tcfg.to_dict()))
+    config = jsonable(tcfg.to_dict())
     return {k: v for k, v in config.items() if k not in fields_with_resume_role(DISPLAY)}
 
 
@@ -206,9 +206,9 @@ def run_training(cfg: DemoConfig, frames: Path, train_dir: Path, row: dict) -> d
     result = train(tcfg)
     seconds = time.perf_counter() - t0
     reset_accelerate_state()
-    info = {"identity": wanted, "config": json.loads(json.dumps(tcfg.to_dict())), "images_seen": result.images_seen,
+    info = {"identity": wanted, "config": jsonable(tcfg.to_dict()), "images_seen": result.images_seen,
             "steps": result.steps, "seconds_this_session": round(seconds, 1), "pipeline": str(result.pipeline_dirs[0])}
-    done.write_text(json.dumps(info, indent=2))
+    atomic_write_json(done, info)
     return info
 
 
@@ -217,7 +217,14 @@ def loss_history(train_dir: Path) -> list[dict]:
     path = Path(train_dir) / "logs" / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected the training log written by pipelines.training.train")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:  # a run killed mid-write leaves a partial last line
+            raise ValueError(f"{path} line {number} is not a JSON record ({err})") from err
     by_step = {int(r["step"]): r for r in rows}  # a resumed run re-logs steps after its checkpoint: keep the last
     return [by_step[s] for s in sorted(by_step)]
 
@@ -289,7 +296,6 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
     """Runs (or resumes) the demo; returns the metrics dict also written to ``<out_dir>/metrics.json``."""
     from pipelines.data.frame_reader import load_frames
     from pipelines.hub import load_pipeline
-    from pipelines.utils import atomic_write_json
 
     cfg = dataclasses.replace(cfg, **changes) if cfg is not None else DemoConfig(**changes)
     out = Path(cfg.out_dir)

@@ -16,7 +16,9 @@ from pathlib import Path
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from safetensors import safe_open
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "echodiff_model_card.md"
+from pipelines.utils import MODEL_CARDS_DIR, looks_like_local_path
+
+MODEL_CARD_TEMPLATE = MODEL_CARDS_DIR / "echodiff_model_card.md"
 DEFAULT_TAGS = ["diffusers", "echodiff", "edm", "unconditional-image-generation", "medical-imaging", "echocardiography"]
 DEFAULT_DATASET = ("echonet-dynamic", "EchoNet-Dynamic frames (1 in 5, 64x64)")
 
@@ -164,9 +166,7 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, device: str | None = None, 
     is_local = local.is_dir()
     if trust_remote_code is None:
         trust_remote_code = is_local
-    text = str(path_or_hub_id)
-    looks_local = text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text
-    if looks_local and not is_local:
+    if looks_like_local_path(path_or_hub_id) and not is_local:
         raise ValueError(f"'{path_or_hub_id}' is neither a saved pipeline folder (no such folder) nor a Hub id")
     if is_local and not (local / "model_index.json").is_file():
         raise ValueError(f"'{path_or_hub_id}' is a folder but not a saved pipeline (no model_index.json)")

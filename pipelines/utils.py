@@ -1,4 +1,4 @@
-"""Helpers shared across EchoDiff (not carried by saved pipelines: ``pipelines/components/`` has its own).
+"""Helpers shared across EchoDiff (not carried by saved pipelines: nothing in ``pipelines/components/`` uses them).
 
 One home each: EDM's uint8 image writer, uint8 image validation, atomic file writes, seeded subsets,
 image grids, and resetting accelerate's process-wide state between runs in one process.
@@ -121,6 +121,18 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
 
 
+def jsonable(obj: Any, default: Callable[[Any], Any] = str) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists; other values go through ``default``), to
+    compare a requested setting with one saved earlier."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=default))
+
+
+def setting_differences(stored: dict, requested: dict, stored_label: str = "existing") -> list[str]:
+    """``key: <stored_label> X != requested Y`` for every key whose value differs (missing on one side too)."""
+    return [f"{key}: {stored_label} {stored.get(key)!r} != requested {requested.get(key)!r}"
+            for key in sorted(set(stored) | set(requested)) if stored.get(key) != requested.get(key)]
+
+
 def json_default(obj: Any) -> Any:
     if isinstance(obj, (np.integer, np.floating, np.bool_)):
         return obj.item()
@@ -161,6 +173,15 @@ def seeded_subset(total: int, count: int | None, seed: int | Sequence[int]) -> n
     if count < 0:
         raise ValueError(f"a subset size must be >= 0, got {count}")
     return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+
+
+# ----- paths ---------------------------------------------------------------------------------------------
+
+
+def looks_like_local_path(text: str) -> bool:
+    """Whether a "folder or Hub id" argument can only be a local path (a Hub id is 'name' or 'user/name')."""
+    text = str(text)
+    return text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text
 
 
 # ----- accelerate ------------------------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def test_cli_end_to_end_and_rerun_skips(frame_dataset, tmp_path, monkeypatch, ca
     real = FrameDataset(str(frame_dataset / "frames"), "train").images_uint8()
     np.savez(tmp_path / "inverted.npz", images=255 - real)
     np.savez(tmp_path / "copies.npz", images=real, seeds=np.arange(len(real)))
-    argv = ["evaluate_distribution_shift.py", "--real", str(frame_dataset / "frames"),
+    argv = ["evaluate_distribution_shift.py", "--dataset", str(frame_dataset / "frames"),
             "--generated", f"Inverted={tmp_path / 'inverted.npz'}", "--generated", f"Copies={tmp_path / 'copies.npz'}",
             "--output_dir", str(tmp_path / "out"), "--classifiers", "linear", "resnet18", "--epochs", "1",
             "--batch_size", "8", "--lr", "1e-3", "--no_tensorboard"]

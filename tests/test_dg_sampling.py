@@ -14,6 +14,13 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from pipelines.components.discriminator import EchoDiffDiscriminator
+from pipelines.components.guidance import (
+    Denoiser,
+    DiscriminatorGuidance,
+    Evaluation,
+    Guidance,
+    GuidanceInterval,
+)
 from pipelines.components.pipeline_echodiff import EchoDiffPipeline
 from pipelines.components.scheduling_edm_ablation import EDMAblationScheduler
 from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
@@ -287,6 +294,20 @@ def test_dg_bad_arguments_raise_clear_errors():
                                discriminator=pipe.discriminator)
     with pytest.raises(ValueError, match="dg_boost_churn"):
         vp_time(seeds=[0], num_inference_steps=4, dg_weight_first_order=1.0, dg_boost_churn=True)
+
+
+def test_guidance_wrappers_compose_passing_networks_and_extra_churn_through():
+    pipe = tiny_pipe()
+    plain = Denoiser(pipe.unet, pipe.scheduler.preconditioning)
+    dg = DiscriminatorGuidance(plain, pipe.discriminator, weight_first_order=5.0, boost_churn=True,
+                               interval=GuidanceInterval(0.0, math.inf, "dg"))
+    outer = Guidance(dg)  # e.g. another guidance wrapping DG
+    assert outer.networks() == [pipe.unet, pipe.discriminator]
+    x, evaluation = torch.randn(2, 1, 16, 16), Evaluation(index=5, num_steps=10, first_order=True)
+    assert torch.equal(outer(x, 2.0, evaluation), dg(x, 2.0, evaluation))  # also sets DG's log r
+    expected = (dg.log_ratio < 0).double() * min(4 / 10, math.sqrt(2) - 1)
+    assert torch.equal(outer.extra_churn(evaluation), expected)
+    assert outer.extra_churn(Evaluation(index=4, num_steps=10)) is None and plain.extra_churn(evaluation) is None
 
 
 # ------------------------------------------------------------------ save / load

@@ -167,14 +167,13 @@ def test_select_best_epoch_picks_minimum_records_tables_and_resumes(tmp_path):
 
 # ------------------------------------------------------------------ train_discriminator.py end to end
 def test_train_discriminator_cli_trains_selects_by_fid_and_exports_a_dg_pipeline(tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
-
     import train_discriminator
     from pipelines.components.pipeline_echodiff import EchoDiffPipeline
     from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
     from pipelines.data.frame_builder import build_frame_dataset
     from pipelines.data.synthetic_echonet import write_synthetic_echonet
     from pipelines.networks import build_network, tiny_config
+    from pipelines.utils import reset_accelerate_state
 
     echonet = write_synthetic_echonet(tmp_path / "echonet", num_videos=6, seed=0, num_frames=(12, 14),
                                       num_workers=1)
@@ -191,8 +190,7 @@ def test_train_discriminator_cli_trains_selects_by_fid_and_exports_a_dg_pipeline
     try:
         summary = train_discriminator.main(argv)
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     assert saved_epochs(out) == [1, 2]
     selection = json.loads((out / "epoch_selection.json").read_text())
     fids = {row["epoch"]: row["FID"] for row in selection["table"]}

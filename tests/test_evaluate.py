@@ -142,8 +142,12 @@ def test_cli_errors(workspace, tmp_path, capsys):
     assert "--config" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--model"):
         evaluate.main(_args(workspace, "fid", "--output_dir", str(tmp_path)))
-    with pytest.raises(SystemExit, match="JSON object"):
+    with pytest.raises(SystemExit) as exit_info:
         evaluate.main(_args(workspace, "fid", "--model", workspace["model"], "--sampler_kwargs", "[1]",
                             "--output_dir", str(tmp_path)))
+    assert exit_info.value.code == 2 and "--sampler_kwargs: expected a JSON object" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(_args(workspace, "fid-vs-nfe", "--model", workspace["model"], "--steps", "5,x"))
+    assert "--steps: expected a comma list of integers" in capsys.readouterr().err
     with pytest.raises(ValueError, match="neither a saved pipeline folder"):
         evaluate.main(_args(workspace, "fid", "--model", str(tmp_path / "nothing"), "--output_dir", str(tmp_path)))

@@ -161,7 +161,7 @@ def test_cli_flags_copies_filters_and_keeps_seeds(tmp_path):
     seeds = np.arange(1000, 1000 + len(generated))
     np.savez(tmp_path / "generated.npz", images=generated, seeds=seeds)
     audit_memorization.main([
-        "--data", str(tmp_path / "frames"), "--heldout_splits", "validation",
+        "--dataset", str(tmp_path / "frames"), "--heldout_splits", "validation",
         "--generated", str(tmp_path / "generated.npz"), "--output_dir", str(tmp_path / "audit"), "--filter",
         "--num_pairs", "4"])
     summary = json.loads((tmp_path / "audit" / "summary.json").read_text())

@@ -237,7 +237,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     import torch
     from diffusers import DiffusionPipeline
 
-    folder, resaved, out_file, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    folder, resaved, out_file, threads, variant_folder = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     torch.set_num_threads(threads)
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     assert not any(name == "pipelines" or name.startswith("pipelines.") for name in sys.modules), "EchoDiff imported"
@@ -249,7 +249,12 @@ REMOTE_SCRIPT = textwrap.dedent(
     again = DiffusionPipeline.from_pretrained(resaved, trust_remote_code=True)
     again.set_progress_bar_config(disable=True)
     second = again(seeds=[0, 1], num_inference_steps=STEPS, output_type="latent").images
-    torch.save({"first": first, "second": second}, out_file)
+    # diffusers' loader options work on remote code too
+    options = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, device_map="cpu",
+                                                dtype={"unet": torch.bfloat16, "default": torch.float32})
+    assert options.unet.dtype == torch.bfloat16 and options.unet.device.type == "cpu"
+    half = DiffusionPipeline.from_pretrained(variant_folder, trust_remote_code=True, variant="fp16", dtype=torch.float16)
+    torch.save({"first": first, "second": second, "half_weights": half.unet.state_dict()}, out_file)
     """
 ).replace("STEPS", str(STEPS))
 
@@ -258,16 +263,20 @@ def test_remote_code_load_in_a_fresh_process_is_bitwise_equal(pipe, tmp_path):
     expected = latents(pipe, [0, 1])
     folder, resaved, out_file = tmp_path / "saved", tmp_path / "resaved", tmp_path / "out.pt"
     pipe.save_pretrained(folder)
+    half = EchoDiffPipeline(unet=tiny_network().to(torch.float16), scheduler=pipe.scheduler)
+    half.save_pretrained(tmp_path / "variant", variant="fp16")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(resaved), str(out_file), str(torch.get_num_threads())],
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(resaved), str(out_file), str(torch.get_num_threads()),
+         str(tmp_path / "variant")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     outputs = torch.load(out_file, weights_only=True)
     assert torch.equal(outputs["first"], expected)
     assert torch.equal(outputs["second"], expected)
+    assert all(torch.equal(outputs["half_weights"][k], v) for k, v in half.unet.state_dict().items())
     resaved_index = json.loads((resaved / "model_index.json").read_text())
     assert resaved_index["unet"] == ["unet_song", "SongUNet2DModel"]
     assert {p.relative_to(resaved).as_posix() for p in resaved.rglob("*.py")} == \
@@ -293,8 +302,10 @@ def test_components_folder_rule(tmp_path):
                 todo += relative_imports(sibling)
         assert closure == direct, f"{path.name} must import {sorted(p.name for p in closure - direct)} directly"
     bad = tmp_path / "bad_component.py"
-    bad.write_text("import math\nimport torch\nfrom pipelines.utils import to_uint8\nfrom .helpers import x\n")
-    assert foreign_imports(bad) == ["pipelines.utils"] and relative_imports(bad) == [tmp_path / "helpers.py"]
+    bad.write_text("import math\nimport torch\nfrom pipelines.utils import to_uint8\nfrom .helpers import x\n"
+                   "import pipelines.hub as hub\nimport os, evil\nfrom . import sibling\n")
+    assert foreign_imports(bad) == [".", "evil", "pipelines.hub", "pipelines.utils"]
+    assert relative_imports(bad) == [tmp_path / "helpers.py"]
 
 
 @pytest.mark.parametrize("doc, min_blocks", [("docs/python_api.md", 3), ("README.md", 1)])

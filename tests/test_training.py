@@ -25,7 +25,7 @@ from pipelines.training.export import training_card_section
 from pipelines.training.precision import cpu_has_native_bf16
 from pipelines.training.stats import TrainStats
 from pipelines.training.step import build_adam, build_components, learning_rate, train_step
-from pipelines.utils import to_float
+from pipelines.utils import reset_accelerate_state, to_float
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,10 +142,11 @@ def test_cli_flags_are_the_config_fields_and_round_trip():
     assert config_from_cli_args(config_to_cli_args(cfg)) == cfg
     defaults = TrainConfig(dataset="d", output_dir="o")
     assert config_to_cli_args(defaults) == ["--dataset", "d", "--output_dir", "o"]
-    # The spellings of the earlier hand-written parser still parse.
-    old = config_from_cli_args(["--dataset", "d", "--output_dir", "o", "--no-channels_last", "--no-hub_private",
+    off = config_from_cli_args(["--dataset", "d", "--output_dir", "o", "--no_channels_last", "--no_hub_private",
                                 "--no_progress_bar", "--ema_rampup_ratio", "none"])
-    assert (old.channels_last, old.hub_private, old.progress_bar, old.ema_rampup_ratio) == (False, False, False, None)
+    assert (off.channels_last, off.hub_private, off.progress_bar, off.ema_rampup_ratio) == (False, False, False, None)
+    with pytest.raises(SystemExit):  # one flag style: snake_case only
+        config_from_cli_args(["--dataset", "d", "--output_dir", "o", "--no-channels_last"])
 
 
 def test_help_states_each_default_once(capsys):
@@ -332,21 +333,15 @@ def resume_cfg(dataset, out, steps, **kw):
 
 @pytest.fixture(scope="module")
 def straight_run(frames16, tmp_path_factory):
-    from accelerate.state import AcceleratorState, GradientState
-
     result = train(resume_cfg(frames16, tmp_path_factory.mktemp("straight"), steps=6))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return result
 
 
 def test_resume_is_bitwise_identical(frames16, tmp_path, straight_run):
     first = train(resume_cfg(frames16, tmp_path, steps=3))
     assert first.images_seen == 24
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     second = train(resume_cfg(frames16, tmp_path, steps=6, resume_from_checkpoint="latest"))
     assert second.images_seen == 48 and second.steps == 6
     assert checkpoint_numbers(tmp_path) == [32, 48]  # total limit 2
@@ -434,11 +429,8 @@ def dp_cfg(dataset, out, **kw):
 
 @pytest.fixture(scope="module")
 def one_chunk_run(frames16, tmp_path_factory):
-    from accelerate.state import AcceleratorState, GradientState
-
     result = train(dp_cfg(frames16, tmp_path_factory.mktemp("one_chunk")))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return result
 
 
@@ -521,16 +513,12 @@ def test_auto_mixed_precision_follows_accelerate_config_then_the_cpu(monkeypatch
 def test_bf16_on_cpu_and_memory_options_train(frames16, tmp_path):
     plain = train(make_cfg(frames16, tmp_path / "plain", steps=2, num_sample_images=0, adam_epsilon=1e-4,
                            channels_last=False))
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     options = train(make_cfg(frames16, tmp_path / "opts", steps=2, num_sample_images=0, adam_epsilon=1e-4,
                              channels_last=True, gradient_checkpointing=True))
     np.testing.assert_allclose([h["train/grad_norm"] for h in options.history],
                                [h["train/grad_norm"] for h in plain.history], rtol=1e-4)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     bf16 = train(make_cfg(frames16, tmp_path / "bf16", steps=2, num_sample_images=0,
                           mixed_precision="auto" if cpu_has_native_bf16() else "bf16"))
     saved = json.loads((bf16.last_checkpoint / TRAINING_STATE_FILE).read_text())["config"]
@@ -564,13 +552,10 @@ def test_accelerate_configs_load_and_launch_sets_the_auto_precision(tmp_path):
 
 
 def test_compiled_training_tracks_eager_and_checkpoints(frames16, tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
-
     # Adam's eps 1e-4: see dp_cfg (float-rounding differences in near-zero gradients stay small).
     common = dict(steps=2, num_sample_images=0, adam_epsilon=1e-4)
     eager = train(make_cfg(frames16, tmp_path / "eager", **common))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     compiled = train(make_cfg(frames16, tmp_path / "compiled", compile=True, **common))
     assert compiled.steps == eager.steps == 2
     np.testing.assert_allclose([h["train/loss"] for h in compiled.history], [h["train/loss"] for h in eager.history],
@@ -627,7 +612,12 @@ def cli(dataset, out, *extra):
     (["--mixed_precision", "fp16", "--cpu"], r"--mixed_precision fp16: accelerate's fp16 autocast does nothing"),
     (["--push_to_hub"], r"--push_to_hub needs --hub_model_id"),
     (["--network_overrides", '{"model_chanels": 8}'], r"--network_overrides: .*model_chanels"),
-    (["--ema_halflife_kimg", "0"], r"--ema_halflife_kimg: expected one or more positive values"),
+    (["--network_overrides", '{"dropout": 0.2}'], r"--network_overrides: .*dropout.*own flags"),
+    (["--network_overrides", '{"in_channels": 3}'], r"--network_overrides: .*pass channels= instead of in_channels"),
+    (["--ema_halflife_kimg", "500", "0"], r"--ema_halflife_kimg: expected a value > 0, got 0.0"),
+    (["--dropout", "1.0"], r"--dropout: expected a value >= 0 and < 1, got 1.0"),
+    (["--checkpoints_total_limit", "0"], r"--checkpoints_total_limit: expected a value >= 1, got 0"),
+    (["--batch_size", "0"], r"--batch_size: expected a value > 0, got 0"),
 ])
 def test_invalid_arguments_fail_before_training(frames16, tmp_path, extra, message):
     out = tmp_path / "run"

@@ -44,6 +44,8 @@ class DiscriminatorOutput(BaseOutput):
     logits: torch.Tensor
 
 
+# ADM's noisy-classifier blocks, not layers.UNetBlock: average-pool downsampling, plain torch.nn layers with
+# torch's init, and attention pooling, as the DG reference's discriminator; trained weights depend on this layout.
 class _ResBlock(nn.Module):
     """ADM residual block: scale-shift noise conditioning, optional 2x average-pool downsampling."""
 
@@ -221,8 +223,7 @@ class EchoDiffDiscriminator(ModelMixin, ConfigMixin):
         super().__init__()
         if feature_source not in FEATURE_SOURCES:
             raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, got {feature_source!r}")
-        self.preconditioning = EDMPreconditioning(kind=preconditioning, sigma_data=sigma_data, vp_beta_d=vp_beta_d,
-                                                  vp_beta_min=vp_beta_min, vp_M=vp_M)
+        self.preconditioning = EDMPreconditioning.from_config(self.config)  # the same c_in, c_noise as the UNet's
         if pool not in POOLINGS:
             raise ValueError(f"pool must be one of {POOLINGS}, got {pool!r}")
         if feature_source == "unet":

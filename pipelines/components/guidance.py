@@ -6,6 +6,7 @@ guidance whose strength depends on it. A guidance wraps a denoiser and is one it
 compose; each acts only inside its :class:`GuidanceInterval` of noise levels.
 
 * :class:`Denoiser`: the network under its preconditioning (no guidance).
+* :class:`Guidance`: the base of the wrappers (what the sampler asks passes through to the wrapped one).
 * :class:`DiscriminatorGuidance` (Kim et al. 2023): D_dg = D + w sigma^2 grad_x log r.
 
 Carried by saved pipelines: imports only torch and the standard library.
@@ -61,6 +62,31 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma, evaluation: Evaluation | None = None) -> torch.Tensor:
         return self.preconditioning.denoise(self.network, x, sigma, self.class_labels)
 
+    def networks(self) -> list:
+        """The modules this denoiser runs (the sampler switches them to eval mode)."""
+        return [self.network]
+
+    def extra_churn(self, evaluation: Evaluation) -> torch.Tensor | None:
+        """Per-sample gamma of extra churn the sampler should add before this Euler evaluation (None: none)."""
+        return None
+
+
+class Guidance:
+    """Base of the guidance wrappers: a guided denoiser is a denoiser, and what the sampler asks of it
+    (``networks``, ``extra_churn``) reaches the denoisers it wraps, so guidances compose."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+
+    def __call__(self, x: torch.Tensor, sigma, evaluation: Evaluation) -> torch.Tensor:
+        return self.denoiser(x, sigma, evaluation)
+
+    def networks(self) -> list:
+        return self.denoiser.networks()
+
+    def extra_churn(self, evaluation: Evaluation) -> torch.Tensor | None:
+        return self.denoiser.extra_churn(evaluation)
+
 
 def discriminator_logits(output) -> torch.Tensor:
     """(B,) logits from a discriminator's output: a tensor, a tuple, or an object with ``.logits``."""
@@ -92,7 +118,7 @@ def discriminator_log_ratio(discriminator, x: torch.Tensor, sigma: torch.Tensor)
     return log_ratio.detach(), grad
 
 
-class DiscriminatorGuidance:
+class DiscriminatorGuidance(Guidance):
     """D_dg = D + w sigma^2 grad_x log r on the evaluations whose sigma is inside ``interval``.
 
     w is ``weight_first_order`` on Euler evaluations and ``weight_second_order`` on Heun corrections
@@ -116,7 +142,8 @@ class DiscriminatorGuidance:
         if discriminator is None:
             raise ValueError("Discriminator Guidance needs a discriminator: this pipeline has none "
                              "(pass discriminator=... or load a pipeline folder that holds one)")
-        self.denoiser, self.discriminator, self.interval = denoiser, discriminator, interval
+        super().__init__(denoiser)
+        self.discriminator, self.interval = discriminator, interval
         self.weights = (float(weight_first_order), float(weight_second_order))
         self.boost, self.boost_churn = float(boost), bool(boost_churn)
         self.log_ratio = None  # log r at the last Euler evaluation (+inf outside the interval)
@@ -140,9 +167,12 @@ class DiscriminatorGuidance:
             self.log_ratio = torch.where(inside, log_ratio, torch.full_like(log_ratio, math.inf))
         return denoised + scale.reshape((-1,) + (1,) * (denoised.ndim - 1)) * grad.to(denoised.dtype)
 
+    def networks(self) -> list:
+        return [*super().networks(), self.discriminator]
+
     def extra_churn(self, evaluation: Evaluation) -> torch.Tensor | None:
-        """Per-sample gamma of the extra churn before this Euler evaluation, or None (see the class doc)."""
+        """Per-sample gamma of the extra churn before this Euler evaluation (see the class doc)."""
         if not (self.boost_churn and self.log_ratio is not None and evaluation.index % self.CHURN_PERIOD == 0):
-            return None
+            return super().extra_churn(evaluation)
         gamma = min(self.CHURN / evaluation.num_steps, math.sqrt(2) - 1)
         return (self.log_ratio < 0).to(torch.float64) * gamma  # float64: t_i (1 + gamma) exactly as EDM

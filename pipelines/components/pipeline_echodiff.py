@@ -9,11 +9,11 @@ Carried by saved pipelines (at the folder's root, with its sibling ``guidance.py
 diffusers and the standard library.
 """
 
+import ast
 import inspect
 import json
 import math
 import os
-import re
 import shutil
 import sys
 from contextlib import contextmanager
@@ -34,7 +34,6 @@ logger = logging.get_logger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # What a file carried by a saved pipeline may import besides the standard library and its siblings.
 ALLOWED_IMPORTS = {"torch", "numpy", "diffusers", "huggingface_hub"}
-_IMPORT = (re.compile(r"^\s*import\s+(\S+)\s*$", re.MULTILINE), re.compile(r"^\s*from\s+(\S+)\s+import", re.MULTILINE))
 
 
 class EchoDiffPipeline(DiffusionPipeline):
@@ -71,7 +70,8 @@ class EchoDiffPipeline(DiffusionPipeline):
         """Generate images.
 
         Args:
-            batch_size: images per class-label row, or unconditional images (default 1; or ``len(seeds)``).
+            batch_size: the number of class-label rows (or unconditional "prompts"); each gives
+                ``num_images_per_prompt`` images (default: from ``seeds``, ``generator``, ``latents`` or 1).
             num_inference_steps: EDM steps N (Heun: 2N-1 network evaluations).
             generator: a torch.Generator or one per image; or ``seeds``: one integer per image.
             latents: the unit-variance starting noise (B, C, H, W), instead of drawing it.
@@ -109,11 +109,10 @@ class EchoDiffPipeline(DiffusionPipeline):
         latents = self.prepare_latents(count, generator, latents, device) * scheduler.init_noise_sigma
         self._num_timesteps = len(scheduler.timesteps)
 
-        extra_churn = getattr(denoiser, "extra_churn", None)
-        with _eval_mode(self.unet, getattr(denoiser, "discriminator", None)):  # sampling never wants dropout
+        with _eval_mode(*denoiser.networks()):  # sampling never wants dropout
             for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
                 evaluation = Evaluation(scheduler.current_step, num_inference_steps, scheduler.state_in_first_order)
-                gamma = extra_churn(evaluation) if extra_churn is not None and evaluation.first_order else None
+                gamma = denoiser.extra_churn(evaluation) if evaluation.first_order else None
                 if gamma is not None:
                     latents = scheduler.add_sample_churn(latents, gamma, generator)
                 sigma = t if getattr(scheduler, "per_sample_sigma", None) is None else scheduler.per_sample_sigma
@@ -242,7 +241,8 @@ class EchoDiffPipeline(DiffusionPipeline):
             index[name] = [copy_code(component_class, folder / name), component_class.__name__]
         index["_class_name"] = [copy_code(type(self), folder), type(self).__name__]
         (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if push_to_hub:  # diffusers' push, which saves through this method (code included)
+        if push_to_hub:  # diffusers' push (saves through this method, code included); EchoNet-derived: private
+            kwargs["private"] = kwargs.get("private", True) is not False
             self.push_to_hub(kwargs.pop("repo_id", folder.name), safe_serialization=safe_serialization,
                              variant=variant, **kwargs)
 
@@ -264,20 +264,33 @@ def _installed(library: str) -> bool:
     return library in LOADABLE_CLASSES or library.split(".")[0] in LOADABLE_CLASSES
 
 
-_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
+def _imports(source: Path) -> list[tuple[int, str]]:
+    """(level, module) of every import statement in ``source``: level 1 for ``from .x import``, 0 otherwise."""
+    found = []
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module or ""))
+    return found
 
 
-def relative_imports(source: Path) -> list[Path]:
+def relative_imports(source: str | os.PathLike) -> list[Path]:
     """The sibling files ``source`` imports relatively (``from .layers import ...``)."""
-    return [source.parent / f"{name}.py" for name in _RELATIVE_IMPORT.findall(source.read_text(encoding="utf-8"))]
+    source = Path(source)
+    return [source.parent / f"{module}.py" for level, module in _imports(source) if level == 1 and module]
 
 
 def foreign_imports(source_file: str | os.PathLike) -> list[str]:
-    """Modules a source file imports beyond ALLOWED_IMPORTS, the standard library and its relative siblings."""
-    text = Path(source_file).read_text(encoding="utf-8")
-    found = {module for pattern in _IMPORT for module in pattern.findall(text)}
-    return sorted(m for m in found if not m.startswith(".") and m.split(".")[0] not in ALLOWED_IMPORTS
-                  and m.split(".")[0] not in sys.stdlib_module_names)
+    """Modules a source file imports beyond ALLOWED_IMPORTS, the standard library and ``from .sibling import``
+    (other relative forms, which diffusers' loader does not copy, count as foreign)."""
+    foreign = set()
+    for level, module in _imports(Path(source_file)):
+        root = module.split(".")[0]
+        if (level and (level != 1 or not module or "." in module)) or (
+                not level and root not in ALLOWED_IMPORTS and root not in sys.stdlib_module_names):
+            foreign.add("." * level + module)
+    return sorted(foreign)
 
 
 def copy_code(cls, destination: Path) -> str:

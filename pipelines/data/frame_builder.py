@@ -27,9 +27,16 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipelines.utils import MODEL_CARDS_DIR, atomic_save_npy, atomic_write_json, atomic_write_text
+from pipelines.utils import (
+    MODEL_CARDS_DIR,
+    atomic_save_npy,
+    atomic_write_json,
+    atomic_write_text,
+    jsonable,
+    setting_differences,
+)
 
-from .layout import FILELIST_COLUMNS, SPLIT_NAMES, TRACING_COLUMNS, frame_features, worker_context
+from .layout import FILELIST_COLUMNS, SPLIT_NAMES, SPLITS, TRACING_COLUMNS, frame_features, worker_context
 
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 # PIL's filters scale their support when downsampling (antialiased); "area" is OpenCV's box average.
@@ -114,7 +121,7 @@ def _ed_es(frames: dict[int, list] | None, num_frames: int) -> tuple[int | None,
 
 def _normalise_splits(splits: Iterable[str] | None) -> list[str]:
     if splits is None:
-        return ["train", "validation", "test"]
+        return list(SPLITS)
     if isinstance(splits, str):
         splits = [splits]
     out = []
@@ -123,7 +130,7 @@ def _normalise_splits(splits: Iterable[str] | None) -> list[str]:
         if key is None:
             raise ValueError(f"splits={list(splits)!r}: unknown split {s!r}; expected any of train, validation, test")
         out.append(key)
-    return sorted(set(out), key=["train", "validation", "test"].index)
+    return sorted(set(out), key=SPLITS.index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,10 +342,11 @@ def _check_unfinished_build(config_path: Path, config: dict, out: Path) -> None:
     """An unfinished build resumes only with the options it was started with."""
     if config_path.exists():
         previous = json.loads(config_path.read_text())
-        differ = {k: previous.get(k) for k in config if previous.get(k) != config[k]}
+        differ = setting_differences(previous, jsonable(config))
         if differ:
-            raise ValueError(f"out_dir={str(out)!r} holds an unfinished build made with {differ}; rerun with the same "
-                             "options to resume it, or pass overwrite=True to start again")
+            raise ValueError(f"out_dir={str(out)!r} holds an unfinished build made with other options "
+                             f"({'; '.join(differ)}); rerun with the same options to resume it, or pass "
+                             "overwrite=True to start again")
     else:
         atomic_write_json(config_path, config, indent=None)
 

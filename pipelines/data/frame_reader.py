@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .layout import frame_features
+from pipelines.utils import looks_like_local_path
 
-SPLITS = ("train", "validation", "test")
+from .layout import SPLITS, frame_features
 
 
 def _merged_chunks(column, max_bytes: int):
@@ -80,8 +80,7 @@ def _load_split(path_or_hub_id: str | os.PathLike, split: str):
                 raise KeyError(f"split={split!r} is not in {text!r}; available splits: {sorted(loaded)}")
             return loaded[split]
         return loaded
-    local_like = text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text
-    if local_like:
+    if looks_like_local_path(text):
         raise FileNotFoundError(f"path_or_hub_id={text!r} does not exist; expected a folder written by "
                                 "build_frame_dataset or a Hub dataset id like 'user/echonet-frames'")
     try:

@@ -13,6 +13,7 @@ FILELIST_COLUMNS = ("FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth",
 TRACING_COLUMNS = ("FileName", "X1", "Y1", "X2", "Y2", "Frame")
 # FileList's Split values -> the frame dataset's split names.
 SPLIT_NAMES = {"TRAIN": "train", "VAL": "validation", "TEST": "test"}
+SPLITS = tuple(SPLIT_NAMES.values())  # the frame dataset's splits, in this order
 
 
 def frame_features():

@@ -24,7 +24,13 @@ import numpy as np
 
 from pipelines.evaluation.fid import DETECTOR_ID, NUM_FEATURES, InceptionDetector, compute_features
 from pipelines.evaluation.generation import SHARD_GLOB, parse_seeds, read_shard
-from pipelines.utils import atomic_save_npy, atomic_write_json, check_uint8_images
+from pipelines.utils import (
+    atomic_save_npy,
+    atomic_write_json,
+    check_uint8_images,
+    jsonable,
+    setting_differences,
+)
 
 # A dataset's fingerprint hashes this many evenly spaced images: a rebuilt or changed dataset under the
 # same path gets another fingerprint, without reading every frame.
@@ -36,11 +42,6 @@ class FingerprintMismatchError(ValueError):
     """Cached statistics or features were computed for a different dataset/split/subsample."""
 
 
-def _normalised(fingerprint: dict) -> dict:
-    """The fingerprint as it reads back from JSON (tuples -> lists, paths -> str)."""
-    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
-
-
 def fingerprint_key(fingerprint: dict) -> str:
     return hashlib.sha1(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -48,10 +49,7 @@ def fingerprint_key(fingerprint: dict) -> str:
 def check_fingerprint(stored: dict, expected: dict, source: str = "cached statistics",
                       remedy: str = "Use another statistics path or delete the file to recompute.") -> None:
     """Raise FingerprintMismatchError naming every field that differs."""
-    expected = _normalised(expected)
-    keys = sorted(set(stored) | set(expected))
-    diffs = [f"{k}: cached {stored.get(k)!r} != requested {expected.get(k)!r}" for k in keys
-             if stored.get(k) != expected.get(k)]
+    diffs = setting_differences(stored, jsonable(expected), stored_label="cached")
     if diffs:
         raise FingerprintMismatchError(
             f"{source} were computed for a different setting ({'; '.join(diffs)}). {remedy}")

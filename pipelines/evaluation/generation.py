@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.utils import atomic_save_npz, atomic_write_json, to_uint8
+from pipelines.utils import atomic_save_npz, atomic_write_json, jsonable, setting_differences, to_uint8
 
 SHARD_GLOB = "shard-*.npz"
 RUN_FILE = "generation.json"
@@ -74,16 +74,11 @@ def _write_shard(out_dir: Path, images: np.ndarray, seeds: Sequence[int]) -> Pat
                            seeds=np.asarray(seeds, dtype=np.int64))
 
 
-def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True, default=repr))
-
-
 def _check_run_file(out_dir: Path, run: dict) -> None:
     run_file = out_dir / RUN_FILE
     if run_file.exists():
         stored = json.loads(run_file.read_text())
-        diffs = [f"{k}: existing {stored.get(k)!r} != requested {run.get(k)!r}"
-                 for k in sorted(set(stored) | set(run)) if stored.get(k) != run.get(k)]
+        diffs = setting_differences(stored, run)
         if diffs:
             raise ValueError(f"'{out_dir}' holds images generated with other settings ({'; '.join(diffs)}); "
                              "use another output folder")
@@ -115,8 +110,8 @@ def generate_images(pipeline: Any, out_dir: str | os.PathLike, seeds: str | Iter
     world = accelerator.num_processes if accelerator is not None else 1
     is_main = rank == 0
 
-    run = _normalise({"num_inference_steps": num_inference_steps, "sampler_kwargs": sampler_kwargs,
-                      **(run_info or {})})
+    run = jsonable({"num_inference_steps": num_inference_steps, "sampler_kwargs": sampler_kwargs,
+                    **(run_info or {})}, default=repr)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(".shard-*.tmp-*"):  # left by a killed run; its seeds are regenerated

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipelines.evaluation.feature_cache import check_fingerprint, dataset_features, dataset_identity
 from pipelines.evaluation.fid import DETECTOR_ID, InceptionDetector, feature_statistics
-from pipelines.utils import atomic_save_npz, seeded_subset
+from pipelines.utils import atomic_save_npz, jsonable, seeded_subset
 
 STATS_FORMAT_VERSION = 1
 
@@ -97,7 +97,7 @@ def reference_statistics(dataset: Any, stats_path: str | os.PathLike | None = No
     indices = real_subsample_indices(len(dataset), num_real, seed)
     features = dataset_features(dataset, indices, detector, cache_dir=cache_dir, batch_size=batch_size,
                                 split=split, progress=progress)
-    stats = FeatureStatistics.from_features(features, json.loads(json.dumps(fingerprint, default=str)))
+    stats = FeatureStatistics.from_features(features, jsonable(fingerprint))
     if stats_path is not None:
         stats.save(stats_path)
     return stats

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipelines.training.config import MODEL, RUN, ConfigError, TrainConfig, fields_with_resume_role
-from pipelines.utils import fsync_dir, fsync_tree
+from pipelines.utils import fsync_dir, fsync_tree, jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def load_training_checkpoint(accelerator, path: Path, ema) -> dict[str, Any]:
 def check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     """Refuses a checkpoint of another model; warns when run settings changed (the run is then not the
     uninterrupted one)."""
-    current = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as saved
+    current = jsonable(cfg.to_dict())  # tuples -> lists, as saved
     for key in fields_with_resume_role(MODEL):
         if saved.get(key) != current.get(key) and not (key in ("resolution", "channels") and current.get(key) is None):
             raise ConfigError(

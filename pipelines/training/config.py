@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.cli import json_object_arg
 from pipelines.components.preconditioning import PRECONDITIONINGS
 
 # Table 1 of the paper: images seen per architecture, in thousands.
@@ -48,9 +49,12 @@ def architecture_names() -> tuple[str, ...]:
 
 def _option(default: Any = dataclasses.MISSING, *, help: str, group: str, factory: Callable | None = None,
             choices: Sequence[str] | Callable[[], Sequence[str]] | None = None, resume: str | None = None,
-            default_text: str | None = None) -> Any:
-    """A TrainConfig field. ``default_text``: how ``--help`` states a default that is not a plain value."""
-    metadata = {"help": help, "group": group, "choices": choices, "resume": resume, "default_text": default_text}
+            default_text: str | None = None, above: float | None = None, at_least: float | None = None,
+            below: float | None = None) -> Any:
+    """A TrainConfig field. ``default_text``: how ``--help`` states a default that is not a plain value;
+    ``above`` / ``at_least`` / ``below``: the bounds :func:`validate_config` checks (each value of a tuple)."""
+    metadata = {"help": help, "group": group, "choices": choices, "resume": resume, "default_text": default_text,
+                "bounds": (above, at_least, below)}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -70,28 +74,29 @@ class TrainConfig:
                                      default_text="the dataset's")
     channels: int | None = _option(None, help="1 (gray) or 3 (gray repeated)", group=DATA, resume=MODEL,
                                    default_text="1")
-    dropout: float = _option(0.05, help="dropout probability of the network", group=DATA, resume=RUN)
+    dropout: float = _option(0.05, help="dropout probability of the network", group=DATA, resume=RUN, at_least=0,
+                             below=1)
     network_overrides: dict[str, Any] = _option(
         help="JSON object of network config fields, e.g. a smaller model_channels", group=DATA, factory=dict,
         resume=MODEL)
     duration_kimg: float | None = _option(
         None, help="training length in thousands of images", group=OPTIM,
-        default_text="Table 1: " + ", ".join(f"{a} {k:g}" for a, k in PAPER_DURATION_KIMG.items()))
-    batch_size: int = _option(512, help="global batch over all processes", group=OPTIM, resume=RUN)
+        default_text="Table 1: " + ", ".join(f"{a} {k:g}" for a, k in PAPER_DURATION_KIMG.items()), above=0)
+    batch_size: int = _option(512, help="global batch over all processes", group=OPTIM, resume=RUN, above=0)
     batch_per_gpu: int | None = _option(
         None, help="images per process per forward pass; gradient accumulation makes up the rest", group=OPTIM,
-        default_text="batch_size / processes, no accumulation")
-    lr: float = _option(1e-3, help="Adam learning rate after the warm-up", group=OPTIM, resume=RUN)
+        default_text="batch_size / processes, no accumulation", above=0)
+    lr: float = _option(1e-3, help="Adam learning rate after the warm-up", group=OPTIM, resume=RUN, above=0)
     lr_rampup_kimg: float = _option(10000.0, help="linear learning-rate warm-up, in kimg", group=OPTIM,
-                                    resume=RUN)
+                                    resume=RUN, at_least=0)
     adam_beta1: float = _option(0.9, help="Adam beta1", group=OPTIM)
     adam_beta2: float = _option(0.999, help="Adam beta2", group=OPTIM)
     adam_epsilon: float = _option(1e-8, help="Adam epsilon", group=OPTIM)
     ema_halflife_kimg: tuple[float, ...] = _option(
         (500.0,), help="one or more EMA half-lives; the first is exported as <output_dir>/pipeline", group=OPTIM,
-        resume=MODEL)
+        resume=MODEL, above=0)
     ema_rampup_ratio: float | None = _option(
-        0.05, help="cap the half-life at this fraction of images seen ('none' to disable)", group=OPTIM)
+        0.05, help="cap the half-life at this fraction of images seen ('none' to disable)", group=OPTIM, above=0)
     seed: int = _option(0, help="seed of the initial weights, the data order and the noise", group=OPTIM,
                         resume=RUN)
     mixed_precision: str = _option(
@@ -104,19 +109,20 @@ class TrainConfig:
     gradient_checkpointing: bool = _option(False, help="recompute activations in the backward pass (less memory)",
                                            group=SPEED)
     cpu: bool = _option(False, help="train on the CPU even if a GPU is present", group=SPEED)
-    dataloader_num_workers: int = _option(2, help="data loader worker processes", group=SPEED)
+    dataloader_num_workers: int = _option(2, help="data loader worker processes", group=SPEED, at_least=0)
     checkpointing_kimg: float = _option(1000.0, help="full training state every N kimg (and at the end)",
-                                        group=OUTPUT)
+                                        group=OUTPUT, above=0)
     checkpoints_total_limit: int | None = _option(None, help="keep only the newest N checkpoints", group=OUTPUT,
-                                                  default_text="keep all")
+                                                  default_text="keep all", at_least=1)
     resume_from_checkpoint: str | None = _option(None, help="'latest' or a checkpoint folder", group=OUTPUT,
                                                  default_text="start a new run")
-    snapshot_kimg: float = _option(2500.0, help="sample grid every N kimg", group=OUTPUT)
+    snapshot_kimg: float = _option(2500.0, help="sample grid every N kimg", group=OUTPUT, above=0)
     save_pipeline_at_snapshot: bool = _option(False, help="also save a pipeline under snapshots/ at each snapshot",
                                               group=OUTPUT)
-    num_sample_images: int = _option(16, help="images in each sample grid (0: no grids)", group=OUTPUT)
-    sample_steps: int = _option(18, help="Heun steps for the sample grid", group=OUTPUT)
-    logging_steps: int = _option(10, help="log the metrics every N steps", group=OUTPUT, resume=DISPLAY)
+    num_sample_images: int = _option(16, help="images in each sample grid (0: no grids)", group=OUTPUT,
+                                     at_least=0)
+    sample_steps: int = _option(18, help="Heun steps for the sample grid", group=OUTPUT, above=0)
+    logging_steps: int = _option(10, help="log the metrics every N steps", group=OUTPUT, resume=DISPLAY, above=0)
     report_to: str = _option("tensorboard", help="tracker", group=OUTPUT, choices=REPORT_TO, resume=DISPLAY)
     tracker_project_name: str = _option("echodiff", help="tracker project (tensorboard: logs/<name>)",
                                         group=OUTPUT, resume=DISPLAY)
@@ -170,18 +176,8 @@ def _value_type(name: str) -> tuple[type, bool]:
     return typing.get_origin(hint) or hint, optional
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"model_channels\": 64}}': {err}") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _parse_function(base: type, optional: bool) -> Callable[[str], Any]:
-    parse = {dict: _json_object, tuple: float}.get(base, base)
+    parse = {dict: json_object_arg, tuple: float}.get(base, base)
     if not optional:
         return parse
 
@@ -222,7 +218,6 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         if base is bool and f.default:
             group.add_argument(flag, f"--no_{name}", dest=name, action=_SnakeBooleanAction, default=True,
                                help=help_text)
-            group.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)  # old spelling
         elif base is bool:
             group.add_argument(flag, action="store_true", help=help_text)
         else:
@@ -300,27 +295,12 @@ def validate_config(cfg: TrainConfig) -> None:
         choices = choices_of(name)
         if choices and getattr(cfg, name) not in choices:
             raise ConfigError(f"--{name}: expected one of {list(choices)}, got {getattr(cfg, name)!r}")
-    positive = {
-        "batch_size": cfg.batch_size, "lr": cfg.lr, "checkpointing_kimg": cfg.checkpointing_kimg,
-        "snapshot_kimg": cfg.snapshot_kimg, "logging_steps": cfg.logging_steps, "sample_steps": cfg.sample_steps,
-        "duration_kimg": cfg.duration_nimg / 1000,
-        "batch_per_gpu": 1 if cfg.batch_per_gpu is None else cfg.batch_per_gpu,
-    }
-    for name, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"--{name}: expected a positive value, got {value}")
-    at_least = {"lr_rampup_kimg": 0, "num_sample_images": 0, "dataloader_num_workers": 0,
-                "checkpoints_total_limit": 1}
-    for name, low in at_least.items():
-        value = getattr(cfg, name)
-        if value is not None and value < low:
-            raise ConfigError(f"--{name}: expected >= {low}, got {value}")
-    if not 0 <= cfg.dropout < 1:
-        raise ConfigError(f"--dropout: expected a probability in [0, 1), got {cfg.dropout}")
-    if not cfg.ema_halflife_kimg or any(not h > 0 for h in cfg.ema_halflife_kimg):
-        raise ConfigError(f"--ema_halflife_kimg: expected one or more positive values, got {cfg.ema_halflife_kimg}")
-    if cfg.ema_rampup_ratio is not None and not cfg.ema_rampup_ratio > 0:
-        raise ConfigError(f"--ema_rampup_ratio: expected a positive ratio (or none), got {cfg.ema_rampup_ratio}")
+    for name, f in FIELDS.items():
+        _check_bounds(name, getattr(cfg, name), *f.metadata["bounds"])
+    if not cfg.ema_halflife_kimg:
+        raise ConfigError("--ema_halflife_kimg: expected one or more positive values, got none")
+    if not cfg.duration_nimg > 0:
+        raise ConfigError(f"--duration_kimg: expected at least one image, got {cfg.duration_kimg}")
     if cfg.report_to in ("wandb", "all"):
         from accelerate.utils import is_wandb_available
 
@@ -340,16 +320,25 @@ def validate_config(cfg: TrainConfig) -> None:
         )
 
 
+def _check_bounds(name: str, value: Any, above: float | None, at_least: float | None, below: float | None) -> None:
+    for item in value if isinstance(value, tuple) else (value,):
+        if item is None:
+            continue  # an optional setting left unset
+        if (above is not None and not item > above) or (at_least is not None and not item >= at_least) or (
+                below is not None and not item < below):
+            wanted = " and ".join(text for bound, text in ((above, f"> {above}"), (at_least, f">= {at_least}"),
+                                                           (below, f"< {below}")) if bound is not None)
+            raise ConfigError(f"--{name}: expected a value {wanted}, got {item}")
+
+
 def _validate_network_overrides(cfg: TrainConfig) -> None:
-    for key in ("sample_size", "in_channels", "out_channels", "dropout", "resolution", "channels"):
-        if key in cfg.network_overrides:
-            raise ConfigError(
-                f"--network_overrides: {key!r} is set by --resolution/--channels/--dropout, not by overrides"
-            )
+    if "out_channels" in cfg.network_overrides:  # D = c_skip x + c_out F needs F shaped like x
+        raise ConfigError("--network_overrides: out_channels follows --channels (a denoiser outputs an image)")
     # Cheap structural check of the overrides now, so a typo fails before the dataset is read.
     from pipelines.networks import network_config
 
     try:
-        network_config(cfg.arch, **cfg.network_overrides)
-    except ValueError as err:
-        raise ConfigError(f"--network_overrides: {err}") from err
+        network_config(cfg.arch, dropout=cfg.dropout, **cfg.network_overrides)
+    except (TypeError, ValueError) as err:  # TypeError: a build_network argument given as an override
+        raise ConfigError(f"--network_overrides: {err} (resolution, channels and dropout have their own flags)") \
+            from err

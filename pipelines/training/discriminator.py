@@ -19,6 +19,7 @@ Epoch checkpoints follow the atomic scheme of ``pipelines.training.checkpoints``
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -92,7 +93,7 @@ def sigma_buckets(sigma_min: float, sigma_max: float, num_buckets: int) -> tuple
 def discriminator_config(variant: str = "adm", tiny: bool = False) -> dict[str, Any]:
     """Architecture presets. ``adm``: from-scratch encoder shaped like ADM's noisy classifier (width
     128, [1,2,3,4], 2 blocks, attention at 16 and 8, attention pooling; ~29M parameters at 64x64).
-    ``unet-encoder``: a small head (~3M at the ADM's 768x8x8 features) like the DG reference's."""
+    ``unet-encoder``: a small head (2.27M at the ADM's 768x8x8 features) like the DG reference's."""
     if variant not in DISCRIMINATOR_VARIANTS:
         raise ValueError(f"variant must be one of {DISCRIMINATOR_VARIANTS}, got {variant!r}")
     if tiny:
@@ -121,14 +122,10 @@ def build_discriminator(variant: str = "adm", resolution: int = 64, channels: in
 
 
 def preconditioning_of(pipeline) -> dict[str, Any]:
-    """The input-scaling fields of the discriminator config that match a pipeline's scheduler."""
+    """The discriminator config fields that give it the pipeline scheduler's preconditioning (its input scaling)."""
     pre = pipeline.scheduler.preconditioning
-    kind = getattr(pre, "kind", None) or pipeline.scheduler.config.get("preconditioning", "edm")
-    out = {"preconditioning": kind, "sigma_data": float(getattr(pre, "sigma_data", 0.5))}
-    for name in ("vp_beta_d", "vp_beta_min", "vp_M"):
-        if hasattr(pre, name):
-            out[name] = getattr(pre, name)
-    return out
+    accepted = inspect.signature(EchoDiffDiscriminator.__init__).parameters
+    return {field: getattr(pre, arg) for arg, field in type(pre).CONFIG_FIELDS.items() if field in accepted}
 
 
 # --------------------------------------------------------------------------------------------------
