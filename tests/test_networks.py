@@ -281,7 +281,7 @@ def test_layerwise_casting_stores_every_conv_and_linear_weight_in_low_precision(
     convs = [m for m in net.modules() if type(m).__name__ in ("Conv2d", "Linear")]
     assert len(weights) == len(convs) > 10  # every conv / linear of the network is a torch.nn one
     assert {w.dtype for w in weights.values()} == {torch.float8_e4m3fn}
-    assert net.dtype == torch.bfloat16  # the compute dtype, which the forward casts its input to
+    assert net.dtype == net.compute_dtype == torch.bfloat16  # the compute dtype, which the forward casts its input to
     out = net(x, t).sample.float()
     assert torch.isfinite(out).all() and not torch.equal(out, expected)  # fp8 weights: close, not equal
     torch.testing.assert_close(out, expected, rtol=0.2, atol=0.1 * expected.abs().max().item())

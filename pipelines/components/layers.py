@@ -259,12 +259,20 @@ class EDMUNetMixin:
         """(sample in the compute dtype, embedding of c_noise and the labels)."""
         if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(f"sample must have shape (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}")
-        dtype = self.dtype  # the compute dtype, also under diffusers' layerwise casting
+        dtype = self.compute_dtype
         if not torch.is_autocast_enabled(sample.device.type):
             sample = sample.to(dtype)
         t = prepare_timestep(timestep, sample)
         labels = prepare_labels(class_labels, self.config.label_dim, sample)
         return sample, self._embedding(t, labels, dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The weights' dtype, or the compute dtype of diffusers' layerwise casting (which ``ModelMixin.dtype``
+        finds by visiting every module: 0.15 ms a call on a tiny UNet; this reads one layer's hook)."""
+        registry = getattr(self.map_layer0, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        return hook.compute_dtype if hook is not None else self.map_layer0.weight.dtype
 
     def _block(self, block, x, emb):
         if torch.is_grad_enabled() and self.gradient_checkpointing:
