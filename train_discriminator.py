@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _train_stage(args, pipeline, disc_overrides: dict, accelerator) -> dict | None:
+    from pipelines.evaluation.generation import load_or_generate_images
     from pipelines.training import discriminator as dg
 
     out, progress = Path(args.output_dir), not args.no_progress_bar
@@ -129,7 +130,7 @@ def _train_stage(args, pipeline, disc_overrides: dict, accelerator) -> dict | No
         raise SystemExit("give exactly one of --fake (existing unguided samples) or --generate_fake N")
     resolution, channels = int(pipeline.unet.config.sample_size), int(pipeline.unet.config.in_channels)
     real = dg.real_images(args.dataset, args.split, args.num_real, args.seed, channels=channels)
-    fake = dg.generated_images(args.fake, pipeline, out / "fake", args.generate_fake or args.num_fake,
+    fake = load_or_generate_images(args.fake, pipeline, out / "fake", args.generate_fake or args.num_fake,
                                args.steps, args.gen_batch_size, accelerator, args.fake_seed_offset, progress)
     fake = fake[:args.num_fake]
     if real.shape[1:] != (channels, resolution, resolution):
@@ -151,7 +152,7 @@ def _train_stage(args, pipeline, disc_overrides: dict, accelerator) -> dict | No
 def _select_stage(args, pipeline, dg_kwargs: dict, accelerator) -> tuple[int, list[dict]]:
     from pipelines.data.frame_reader import load_frames
     from pipelines.evaluation.generation import parse_seeds
-    from pipelines.evaluation.protocol import DEFAULT_CACHE_DIR
+    from pipelines.evaluation.protocol import DEFAULT_CACHE_DIR, dg_epoch_fid_scorer
     from pipelines.training import discriminator as dg
 
     out = Path(args.output_dir)
@@ -160,7 +161,7 @@ def _select_stage(args, pipeline, dg_kwargs: dict, accelerator) -> tuple[int, li
     epochs = None if args.select_epochs == "all" else args.select_epochs
     fid_options = {"num_real": args.num_ref, "batch_size": args.fid_batch_size,
                    "cache_dir": Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR}
-    score = dg.fid_epoch_scorer(pipeline, out, frames, seeds, args.steps, args.gen_batch_size, accelerator,
+    score = dg_epoch_fid_scorer(pipeline, out, frames, seeds, args.steps, args.gen_batch_size, accelerator,
                                 fid_options, not args.no_progress_bar, **dg_kwargs)
     settings = {"seeds": args.selection_seeds, "steps": args.steps, "num_ref": args.num_ref, **dg_kwargs}
     best, table = dg.select_best_epoch(out, score, epochs, settings=_jsonable(settings))

@@ -213,3 +213,21 @@ def _to_nchw(images: np.ndarray, name: str) -> np.ndarray:
     if images.shape[-1] in (1, 3):
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     raise ValueError(f"images in '{name}' must have 1 or 3 channels, got shape {images.shape}")
+
+
+def load_or_generate_images(source: str | os.PathLike | None = None, pipeline=None, out_dir: str | os.PathLike | None = None,
+                     num: int | None = 50_000, num_inference_steps: int = 30, batch_size: int = 64,
+                     accelerator=None, seed_offset: int = 0, progress: bool = True) -> np.ndarray:
+    """Images loaded from ``source`` (.npz, shard or PNG folder), or generated from ``pipeline`` (unguided)
+    into ``out_dir`` (per-seed, resumable shards; seeds ``seed_offset .. seed_offset + num - 1``)."""
+    if source is not None:
+        images = load_images(source)
+        return images if num is None else images[:num]
+    if pipeline is None or out_dir is None or num is None:
+        raise ValueError("generated images need either a source (.npz / shard / PNG folder) or a pipeline, "
+                         "an output folder and a count")
+    seeds = list(range(seed_offset, seed_offset + num))
+    generate_images(pipeline, out_dir, seeds, batch_size=batch_size, num_inference_steps=num_inference_steps,
+                    accelerator=accelerator, run_info={"purpose": "unguided samples"},
+                    progress=progress)
+    return load_images(out_dir, seeds=seeds)

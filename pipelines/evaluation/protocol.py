@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +309,30 @@ def variance_study(pipeline: Any, frames: Any, out_dir: str | os.PathLike, repea
             "generated_fixed_real_varied": _mean_std(fids_a), "real_fixed_generation_varied": _mean_std(fids_b),
             "std": "sample standard deviation (ddof=1)", "paper_18_steps": {"generated_fixed_real_varied": "4.02 +- 0.045",
                                                                              "real_fixed_generation_varied": "4.05 +- 0.001"}}
+
+
+def dg_epoch_fid_scorer(pipeline, out_dir: str | os.PathLike, frames, seeds: Sequence[int],
+                     num_inference_steps: int = 30, gen_batch_size: int = 64, accelerator=None,
+                     fid_options: dict | None = None, progress: bool = True,
+                     **dg_kwargs) -> Callable[[int], float]:
+    """``score(epoch)`` = FID of DG samples (``seeds``) with that epoch's discriminator, as the paper
+    selects epochs. Samples go to ``out_dir/selection/epoch-NNN`` (resumable, features cached)."""
+    import torch
+
+    from pipelines.training.discriminator import attach_discriminator, load_epoch_discriminator
+
+    out_dir = Path(out_dir)
+
+    def score(epoch: int) -> float:
+        attach_discriminator(pipeline, load_epoch_discriminator(out_dir, epoch, unet=pipeline.unet))
+        result = fid_of_samples(pipeline, out_dir / "selection" / f"epoch-{epoch:03d}", list(seeds), frames,
+                                num_inference_steps=num_inference_steps, gen_batch_size=gen_batch_size,
+                                accelerator=accelerator, kid=False, progress=progress,
+                                run_info={"discriminator_epoch": epoch}, **(fid_options or {}), **dg_kwargs)
+        if accelerator is not None:
+            # every process needs the score to pick the same best epoch
+            value = torch.tensor([result["fid"] if result is not None else 0.0], device=accelerator.device)
+            return float(accelerator.reduce(value, reduction="sum").item())
+        return float(result["fid"])
+
+    return score

@@ -184,9 +184,8 @@ def save_training_checkpoint(accelerator, store: CheckpointStore, ema, state: di
 
 
 def load_training_checkpoint(accelerator, path: Path, ema) -> dict[str, Any]:
-    """Restores model, optimizer, grad scaler and RNG states (accelerate), the EMA, and returns the progress."""
-    if not is_complete_checkpoint(path, TRAINING_STATE_FILE):
-        raise ConfigError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINING_STATE_FILE})")
+    """Restores model, optimizer, grad scaler and RNG states (accelerate), the EMA, and returns the progress
+    (``path``: a complete checkpoint, as ``train`` checks before it builds anything)."""
     state = json.loads((path / TRAINING_STATE_FILE).read_text())
     if not (path / f"random_states_{accelerator.process_index}.pkl").is_file():
         logger.warning("%s: no RNG state for process %d (different process count); dropout streams restart",

@@ -16,7 +16,6 @@ import json
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipelines.cli import json_object_arg
@@ -309,15 +308,6 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise ConfigError("--push_to_hub needs --hub_model_id (e.g. your-name/echodiff-adm-edm)")
     _validate_network_overrides(cfg)
-    from pipelines.training.checkpoints import TRAINING_STATE_FILE, is_complete_checkpoint
-
-    if cfg.resume_from_checkpoint not in (None, "latest") and not is_complete_checkpoint(
-        Path(cfg.resume_from_checkpoint), TRAINING_STATE_FILE
-    ):
-        raise ConfigError(
-            f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: not a complete checkpoint folder "
-            f"(expected a folder with {TRAINING_STATE_FILE}, written by this script)"
-        )
 
 
 def _check_bounds(name: str, value: Any, above: float | None, at_least: float | None, below: float | None) -> None:

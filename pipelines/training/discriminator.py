@@ -426,7 +426,7 @@ def _write_selection(out_dir: Path, table_name: str, scores: dict[int, float], m
 
 
 # --------------------------------------------------------------------------------------------------
-# Orchestration used by train_discriminator.py: data sources, FID scoring, export
+# Orchestration used by train_discriminator.py: real frames, the exported DG pipeline
 # --------------------------------------------------------------------------------------------------
 def real_images(dataset: str | os.PathLike, split: str = "train", num: int | None = 50_000, seed: int = 0,
                 channels: int | None = None) -> np.ndarray:
@@ -437,58 +437,11 @@ def real_images(dataset: str | os.PathLike, split: str = "train", num: int | Non
     return frames.images_uint8(seeded_subset(len(frames), num, seed))
 
 
-def generated_images(source: str | os.PathLike | None = None, pipeline=None, out_dir: str | os.PathLike | None = None,
-                     num: int | None = 50_000, num_inference_steps: int = 30, batch_size: int = 64,
-                     accelerator=None, seed_offset: int = 0, progress: bool = True) -> np.ndarray:
-    """Unguided samples: loaded from ``source`` (.npz, shard or PNG folder), or generated from ``pipeline``
-    into ``out_dir`` (per-seed, resumable shards; seeds ``seed_offset .. seed_offset + num - 1``)."""
-    from pipelines.evaluation.generation import generate_images, load_images
-
-    if source is not None:
-        images = load_images(source)
-        return images if num is None else images[:num]
-    if pipeline is None or out_dir is None or num is None:
-        raise ValueError("generated images need either a source (.npz / shard / PNG folder) or a pipeline, "
-                         "an output folder and a count")
-    seeds = list(range(seed_offset, seed_offset + num))
-    generate_images(pipeline, out_dir, seeds, batch_size=batch_size, num_inference_steps=num_inference_steps,
-                    accelerator=accelerator, run_info={"purpose": "discriminator training (unguided)"},
-                    progress=progress)
-    return load_images(out_dir, seeds=seeds)
-
-
 def attach_discriminator(pipeline, discriminator) -> None:
-    """Make ``discriminator`` the pipeline's component (bound to its UNet when it uses the UNet's encoder)."""
-    if discriminator is not None and getattr(discriminator.config, "feature_source", "pixels") == "unet":
-        discriminator.bind_unet(pipeline.unet)
+    """Make ``discriminator`` the pipeline's component (the pipeline binds a UNet-encoder one to its UNet on use)."""
     pipeline.register_modules(discriminator=discriminator)
     if discriminator is not None:
         discriminator.to(pipeline.device).eval()
-
-
-def fid_epoch_scorer(pipeline, out_dir: str | os.PathLike, frames, seeds: Sequence[int],
-                     num_inference_steps: int = 30, gen_batch_size: int = 64, accelerator=None,
-                     fid_options: dict | None = None, progress: bool = True,
-                     **dg_kwargs) -> Callable[[int], float]:
-    """``score(epoch)`` = FID of DG samples (``seeds``) with that epoch's discriminator, as the paper
-    selects epochs. Samples go to ``out_dir/selection/epoch-NNN`` (resumable, features cached)."""
-    from pipelines.evaluation.protocol import fid_of_samples
-
-    out_dir = Path(out_dir)
-
-    def score(epoch: int) -> float:
-        attach_discriminator(pipeline, load_epoch_discriminator(out_dir, epoch, unet=pipeline.unet))
-        result = fid_of_samples(pipeline, out_dir / "selection" / f"epoch-{epoch:03d}", list(seeds), frames,
-                                num_inference_steps=num_inference_steps, gen_batch_size=gen_batch_size,
-                                accelerator=accelerator, kid=False, progress=progress,
-                                run_info={"discriminator_epoch": epoch}, **(fid_options or {}), **dg_kwargs)
-        if accelerator is not None:
-            # every process needs the score to pick the same best epoch
-            value = torch.tensor([result["fid"] if result is not None else 0.0], device=accelerator.device)
-            return float(accelerator.reduce(value, reduction="sum").item())
-        return float(result["fid"])
-
-    return score
 
 
 def export_guided_pipeline(pipeline, discriminator, out_dir: str | os.PathLike, dg_settings: dict | None = None,

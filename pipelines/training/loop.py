@@ -23,6 +23,7 @@ from pipelines.ema import EDMEma
 from pipelines.training.checkpoints import (
     CheckpointStore,
     check_resume_compatible,
+    is_complete_checkpoint,
     load_training_checkpoint,
     save_training_checkpoint,
     training_checkpoints,
@@ -155,6 +156,9 @@ def _resume_path(cfg: TrainConfig, store: CheckpointStore) -> Path | None:
     if cfg.resume_from_checkpoint is None:
         return None
     path = store.latest() if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
+    if path is not None and not is_complete_checkpoint(path, store.state_file):
+        raise ConfigError(f"--resume_from_checkpoint {path}: not a complete checkpoint folder (expected a folder "
+                          f"with {store.state_file}, written by this script)")
     if path is None:
         logger.info("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", store.root)
         return None
