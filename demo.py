@@ -2,6 +2,7 @@
 
     python demo.py                      # results in results/demo/ (re-running reuses finished stages)
     python demo.py --tiny --output_dir results/demo-tiny   # a seconds-long smoke run
+    python demo.py --autoguidance       # then: a smaller guide (1/4 of the images) and unguided vs autoguidance
 
 Generates a synthetic EchoNet-Dynamic-layout folder, builds 64x64 frames, trains a small DDPM++ under
 EDM, samples it and its untrained initialisation, scores both with FID and KID against the real
@@ -25,11 +26,16 @@ def main(argv=None):
                    help=f"images scored per model (default {d.num_generated})")
     p.add_argument("--steps", type=int, default=None, help=f"Heun sampler steps (default {d.sampler_steps})")
     p.add_argument("--num_videos", type=int, default=None, help=f"synthetic videos (default {d.num_videos})")
+    p.add_argument("--autoguidance", action="store_true",
+                   help=f"also train a guide ({d.guide_fraction:g} of the images, model_channels "
+                        f"{d.guide_network_overrides['model_channels']}) and score autoguidance at w = "
+                        f"{', '.join(f'{w:g}' for w in d.ag_weights)} (about 8 more minutes)")
     p.add_argument("--no_progress_bar", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     changes = {k: v for k, v in {"duration_kimg": args.duration_kimg, "num_generated": args.num_generated,
                                  "sampler_steps": args.steps, "num_videos": args.num_videos}.items() if v is not None}
     changes["progress"] = not args.no_progress_bar
+    changes["autoguidance"] = args.autoguidance
     cfg = tiny_demo_config(args.output_dir, **changes) if args.tiny else DemoConfig(out_dir=args.output_dir, **changes)
     return run_demo(cfg)
 

@@ -6,12 +6,15 @@ Subcommands (each writes a JSON of results into --output_dir):
   optimal-fid  FID between two seeded halves of the real frames (patient-level and frame-level)
   fid-vs-nfe   FID over sampler step counts -> CSV + PNG with NFE = 2N - 1 on the x axis
   variance     the paper's two variance experiments (mean +- std over --repeats)
+  guidance-sweep  FID / KID over guidance weights and sigma intervals (autoguidance, DG, both) on one protocol
   sweep        the Table 1 grid: train each configured run, score it, write the table
 
 Examples:
   python evaluate.py fid --model runs/edm-ddpmpp --dataset data/frames64 --seeds 0-49999
   python evaluate.py optimal-fid --dataset data/frames64 --split all
   python evaluate.py fid-vs-nfe --model runs/edm-adm --dataset data/frames64 --steps 5,10,18,30,50
+  python evaluate.py guidance-sweep --model runs/main/pipeline --guide runs/guide/pipeline --dataset data/frames64 \
+      --ag_weights 1.5,2,3 --intervals 0:inf,0.28:5.42 --seeds 0-9999
   accelerate launch evaluate.py fid --model user/echodiff-adm --dataset user/echonet-frames
 """
 
@@ -22,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.cli import int_list_arg, json_object_arg
+from pipelines.cli import float_list_arg, int_list_arg, interval_list_arg, json_object_arg
 
 
 def _add_reference_args(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +55,13 @@ def _add_generation_args(parser: argparse.ArgumentParser, seeds_default: str = "
     parser.add_argument("--samples_dir", default=None, help="shard folder (default <output_dir>/samples-steps<N>)")
     parser.add_argument("--sampler_kwargs", type=json_object_arg, default={},
                         help='extra pipeline arguments as JSON, e.g. \'{"s_churn": 40}\'')
+    _add_guide_arg(parser)
+
+
+def _add_guide_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--guide", default=None,
+                        help="pipeline folder / Hub id whose UNet guides the model (autoguidance; pass ag_weight "
+                             "in --sampler_kwargs or use guidance-sweep)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--samples_dir", default=None, help="shard folder (default <output_dir>/samples-steps<N>)")
     fid.add_argument("--sampler_kwargs", type=json_object_arg, default={}, help="extra pipeline arguments as JSON")
     fid.add_argument("--no_kid", action="store_true", help="skip KID (needs the real subsample's features)")
+    _add_guide_arg(fid)
     _add_reference_args(fid)
     _add_common_args(fid)
 
@@ -95,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--sampler_kwargs", type=json_object_arg, default={}, help="extra pipeline arguments as JSON")
     _add_reference_args(var)
     _add_common_args(var)
+
+    guided = sub.add_parser("guidance-sweep", help="FID / KID over guidance weights and intervals")
+    guided.add_argument("--steps", type=int, default=30, help="sampler steps N, the same for every row (default 30)")
+    guided.add_argument("--ag_weights", type=float_list_arg, default=[],
+                        help="autoguidance weights w (needs --guide or a pipeline with a guide_unet), e.g. 1.5,2,3")
+    guided.add_argument("--dg_weights", type=float_list_arg, default=[],
+                        help="DG first-order weights (needs a pipeline with a discriminator), e.g. 1,2,5")
+    guided.add_argument("--intervals", type=interval_list_arg, default=[(0.0, float("inf"))],
+                        help="sigma intervals LO:HI each guidance is swept over (default 0:inf)")
+    guided.add_argument("--composed", default="", help="autoguidance:DG weight pairs with both on, over the first "
+                                                       "interval, e.g. 2:1,3:2")
+    guided.add_argument("--dg_options", type=json_object_arg, default={},
+                        help='further DG arguments for the DG rows, e.g. \'{"dg_boost": 2}\'')
+    guided.add_argument("--no_kid", action="store_true", help="skip KID")
+    _add_generation_args(guided, seeds_default="0-9999")
+    _add_reference_args(guided)
+    _add_common_args(guided)
 
     from pipelines.evaluation import sweep as sweep_lib
 
@@ -153,6 +181,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     pipeline = load_pipeline(args.model, device=str(accelerator.device))
     sampler_kwargs = args.sampler_kwargs
     run_info = {"model": str(args.model)}
+    if getattr(args, "guide", None) is not None:
+        from pipelines.hub import attach_guide
+
+        attach_guide(pipeline, args.guide, device=str(accelerator.device))
+        run_info["guide"] = str(args.guide)
     detector = InceptionDetector(device=device) if accelerator.is_main_process else None
     gen = {"gen_batch_size": args.gen_batch_size, "accelerator": accelerator, "run_info": run_info}
 
@@ -168,6 +201,17 @@ def main(argv: list[str] | None = None) -> dict | None:
         result = None if rows is None else {"rows": rows, "csv": str(out / "fid_vs_nfe.csv"),
                                             "plot": str(out / "fid_vs_nfe.png")}
         path = out / "fid_vs_nfe.json"
+    elif args.command == "guidance-sweep":
+        from pipelines.evaluation.guidance_sweep import guidance_grid, guidance_sweep
+
+        settings = guidance_grid(args.ag_weights, args.dg_weights, args.intervals, _weight_pairs(args.composed))
+        rows = guidance_sweep(pipeline, frames, out, settings, seeds=args.seeds, num_inference_steps=args.steps,
+                              samples_root=args.samples_dir,
+                              dg_options=args.dg_options, detector=detector, kid=not args.no_kid, **gen, **common,
+                              **sampler_kwargs)
+        result = None if rows is None else {"rows": rows, "table": str(out / "guidance_sweep.md"),
+                                            "plot": str(out / "guidance_sweep.png")}
+        path = out / "guidance_sweep.json"
     else:
         result = ev.variance_study(pipeline, frames, out, repeats=args.repeats, num_gen=args.num_gen,
                                    num_real=args.num_real, subsample_seed=args.subsample_seed,
@@ -177,6 +221,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     if result is not None:
         result["model"] = str(args.model)
     return _finish(result, path) if accelerator.is_main_process else None
+
+
+def _weight_pairs(text: str) -> list[tuple[float, float]]:
+    try:
+        pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        pairs = [()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"error: --composed takes AG:DG weight pairs such as 2:1,3:2, got {text!r}")
+    return pairs
 
 
 def _has_seeds(path: str) -> bool:

@@ -25,3 +25,32 @@ def int_list_arg(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
     return values
+
+
+def float_list_arg(text: str) -> list[float]:
+    """A comma list of finite numbers, e.g. '1.5,2,3'."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers such as 1.5,2,3, got {text!r}") from err
+    if not values or any(v != v or v in (float("inf"), float("-inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"expected a comma list of finite numbers, got {text!r}")
+    return values
+
+
+def interval_list_arg(text: str) -> list[tuple[float, float]]:
+    """A comma list of sigma intervals LO:HI, e.g. '0:inf,0.28:5.42' (HI may be inf)."""
+    intervals = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            low, high = (float(v) for v in part.split(":"))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected sigma intervals LO:HI such as 0:inf,0.28:5.42, got {part!r}") from err
+        if not 0 <= low <= high:
+            raise argparse.ArgumentTypeError(f"interval {part!r} needs 0 <= LO <= HI")
+        intervals.append((low, high))
+    if not intervals:
+        raise argparse.ArgumentTypeError(f"expected at least one interval LO:HI, got {text!r}")
+    return intervals

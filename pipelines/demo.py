@@ -67,6 +67,11 @@ class DemoConfig:
     num_real: int | None = None  # None: every frame of the split
     grid_images: int = 64
     progress: bool = True
+    # autoguidance (demo.py --autoguidance): a smaller guide trained on a fraction of the images, then a sweep
+    autoguidance: bool = False
+    guide_network_overrides: dict[str, Any] = field(default_factory=lambda: {**DEMO_NETWORK, "model_channels": 8})
+    guide_fraction: float = 0.25
+    ag_weights: tuple[float, ...] = (2.0, 3.0)
 
     def __post_init__(self):
         positive = {"num_videos": self.num_videos, "resolution": self.resolution, "frame_stride": self.frame_stride,
@@ -79,6 +84,8 @@ class DemoConfig:
                 raise ValueError(f"{name}: expected a positive value, got {value!r}")
         if self.num_generated < 2:
             raise ValueError(f"num_generated: FID needs at least 2 generated images, got {self.num_generated}")
+        if not 0 < self.guide_fraction <= 1:
+            raise ValueError(f"guide_fraction: expected a fraction in (0, 1] of the training, got {self.guide_fraction!r}")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise ValueError(f"mixed_precision: expected 'auto', 'no' or 'bf16', got {self.mixed_precision!r}")
 
@@ -88,6 +95,8 @@ def tiny_demo_config(out_dir: str, **changes: Any) -> DemoConfig:
     tiny = dict(out_dir=out_dir, num_videos=8, video_frames=(20, 26), resolution=16,
                 network_overrides={"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
                                    "attn_resolutions": [8]},
+                guide_network_overrides={"model_channels": 4, "channel_mult": [1, 2], "num_blocks": 1,
+                                         "attn_resolutions": [8]},
                 duration_kimg=0.032, batch_size=8, lr_rampup_kimg=0.0, checkpointing_kimg=0.016,
                 mixed_precision="no", num_generated=8, sampler_steps=2, gen_batch_size=8, grid_images=8)
     tiny.update(changes)
@@ -324,8 +333,12 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
                  frames=str(frames_dir), samples={k: str(v) for k, v in sample_dirs.items()})
 
     n_gen, n_real = scores["trained"]["num_generated"], scores["trained"]["num_real"]
+    if cfg.autoguidance:
+        paths["autoguidance"] = str(out / "autoguidance")
+        scores["autoguidance"] = run_autoguidance(cfg, out, frames_dir, frames, pipes["trained"], seeds, timer)
     metrics = {
         "trained": scores["trained"], "untrained": scores["untrained"], "optimal_fid": optimal,
+        **({"autoguidance": scores["autoguidance"]} if cfg.autoguidance else {}),
         "protocol": {"num_generated": n_gen, "num_real": n_real, "split": cfg.split, "sampler_steps": cfg.sampler_steps,
                      "nfe": 2 * cfg.sampler_steps - 1, "resolution": cfg.resolution,
                      "note": "small-sample FID (biased upwards vs FID-50k): compare only within this file; "
@@ -342,6 +355,30 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
     metrics["timings_total_s"] = round(time.perf_counter() - timer.start, 1)
     atomic_write_json(metrics_path, metrics)
     return metrics
+
+
+def run_autoguidance(cfg: DemoConfig, out: Path, frames_dir: Path, frames, pipe, seeds: list[int],
+                     timer: StageTimer) -> list[dict]:
+    """Train the guide (the demo network with ``guide_network_overrides``, ``guide_fraction`` of its images and
+    EMA), then score unguided vs autoguidance at ``ag_weights`` on the demo's seeds, steps and real frames."""
+    from pipelines.evaluation.fid import InceptionDetector
+    from pipelines.evaluation.guidance_sweep import guidance_grid, guidance_sweep
+    from pipelines.hub import attach_guide
+
+    guide_cfg = dataclasses.replace(cfg, network_overrides=dict(cfg.guide_network_overrides),
+                                    duration_kimg=cfg.duration_kimg * cfg.guide_fraction,
+                                    ema_halflife_kimg=cfg.ema_halflife_kimg * cfg.guide_fraction)
+    guide_dir = out / "guide"
+    with timer.stage(f"training the guide ({guide_cfg.duration_kimg:g} kimg)") as row:
+        run_training(guide_cfg, frames_dir, guide_dir, row)
+    attach_guide(pipe, guide_dir / "pipeline")
+    with timer.stage(f"autoguidance sweep (w = {', '.join(f'{w:g}' for w in cfg.ag_weights)})"):
+        rows = guidance_sweep(pipe, frames, out / "autoguidance", guidance_grid(ag_weights=cfg.ag_weights), seeds,
+                              num_inference_steps=cfg.sampler_steps, gen_batch_size=cfg.gen_batch_size,
+                              run_info={"model": "trained", "guide": str(guide_dir / "pipeline")},
+                              progress=cfg.progress, detector=InceptionDetector(), num_real=cfg.num_real,
+                              cache_dir=out / "cache", batch_size=cfg.inception_batch_size)
+    return rows
 
 
 def sample_folders(cfg: DemoConfig, out: Path, train_info: dict) -> dict[str, Path]:
@@ -429,10 +466,14 @@ def report(metrics: dict, metrics_path: Path) -> str:
         "",
         "outputs:",
     ]
+    for row in metrics.get("autoguidance", []):
+        label = "unguided (sweep)" if row["guidance"] == "unguided" else f"autoguidance w={row['ag_weight']:g}"
+        lines.insert(-3, f"  {label:<17} FID {row['fid']:9.2f}   KID {row['kid']:.4f} +- {row['kid_std']:.4f}"
+                         f"   {row['seconds_per_image']:.3f} s/image")
     names = {"samples_grid": "sample grid (trained)", "untrained_grid": "sample grid (untrained)",
              "real_grid": "real frames grid", "loss_curve": "loss curve", "pipeline": "saved pipeline",
-             "model_card": "model card", "tensorboard_logs": "tensorboard logs"}
-    lines += [f"  {label:<24} {metrics['paths'][key]}" for key, label in names.items()]
+             "model_card": "model card", "tensorboard_logs": "tensorboard logs", "autoguidance": "autoguidance sweep"}
+    lines += [f"  {label:<24} {metrics['paths'][key]}" for key, label in names.items() if key in metrics["paths"]]
     lines.append(f"  {'metrics JSON':<24} {metrics_path}")
     return "\n".join(lines)
 

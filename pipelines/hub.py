@@ -180,3 +180,25 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, device: str | None = None, 
         raise ValueError(f"'{path_or_hub_id}' could not be loaded as a pipeline ({type(exc).__name__}: {exc})") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device else pipe
+
+
+def attach_guide(pipeline, guide: str | os.PathLike, device: str | None = None, trust_remote_code: bool | None = None):
+    """Register the UNet of the pipeline saved at ``guide`` (folder or Hub id) as ``pipeline.guide_unet``.
+
+    Autoguidance needs a guide of the same data and preconditioning: a guide whose scheduler holds another
+    preconditioning is refused (its D would not be comparable). Returns the pipeline, ready to save.
+    """
+    guide_pipe = load_pipeline(guide, device=device, trust_remote_code=trust_remote_code)
+    ours = _preconditioning_settings(pipeline.scheduler)
+    theirs = _preconditioning_settings(guide_pipe.scheduler)
+    if ours != theirs:
+        raise ValueError(f"the guide '{guide}' must use the model's preconditioning {ours}, it has {theirs}")
+    pipeline.register_modules(guide_unet=guide_pipe.unet)
+    return pipeline
+
+
+def _preconditioning_settings(scheduler) -> dict | None:
+    preconditioning = getattr(scheduler, "preconditioning", None)
+    if preconditioning is None:
+        return None
+    return {name: getattr(preconditioning, name) for name in type(preconditioning).CONFIG_FIELDS}

@@ -74,6 +74,28 @@ def test_demo_rerun_reuses_finished_stages(demo):
     assert (out / "train" / "checkpoints").is_dir()
 
 
+def test_demo_autoguidance_stage_trains_a_smaller_shorter_guide_and_scores_it_on_the_demo_protocol(demo):
+    out, metrics = demo
+    from pipelines.evaluation.generation import load_images
+    from pipelines.hub import load_pipeline
+
+    cfg = tiny_demo_config(str(out), autoguidance=True, progress=False)
+    guided = run_demo(cfg)
+    rows = guided["autoguidance"]
+    assert [(r["guidance"], r["ag_weight"]) for r in rows] == [("unguided", 1), ("ag", 2), ("ag", 3)]
+    assert all(math.isfinite(r["fid"]) and r["num_generated"] == cfg.num_generated for r in rows)
+    assert rows[1]["network_evaluations_per_batch"] == {"unet": 2 * cfg.sampler_steps - 1,
+                                                        "guide_unet": 2 * cfg.sampler_steps - 1}
+    # the sweep's unguided row is the demo's own trained samples: one protocol
+    np.testing.assert_array_equal(load_images(rows[0]["samples_dir"]), load_images(metrics["paths"]["samples"]["trained"]))
+    assert rows[0]["fid"] == pytest.approx(metrics["trained"]["fid"], abs=1e-9)
+    guide = load_pipeline(out / "guide" / "pipeline")
+    assert guide.unet.config.model_channels == cfg.guide_network_overrides["model_channels"]
+    assert json.loads((out / "guide" / "demo_training_done.json").read_text())["images_seen"] == \
+        round(cfg.duration_kimg * cfg.guide_fraction * 1000)
+    assert (out / "autoguidance" / "guidance_sweep.png").is_file()
+
+
 def test_loss_history_keeps_the_last_entry_of_a_relogged_step(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -124,6 +124,50 @@ def test_fid_vs_nfe_writes_csv_and_plot(workspace):
     assert len(load_images(out / "samples-steps3")) == 8
 
 
+def test_guidance_sweep_scores_every_setting_on_one_protocol(workspace):
+    from pipelines.components.discriminator import EchoDiffDiscriminator
+    from pipelines.components.pipeline_echodiff import EchoDiffPipeline
+    from pipelines.hub import load_pipeline
+    from pipelines.networks import build_network, tiny_config
+
+    root = workspace["root"]
+    model = load_pipeline(workspace["model"])
+    torch.manual_seed(1)
+    guide_unet = build_network("ddpmpp", **{**tiny_config("ddpmpp"), "model_channels": 4})
+    with torch.no_grad():  # a fresh EDM network outputs F = 0, as does the model: make the guide differ
+        for parameter in guide_unet.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    EchoDiffPipeline(unet=guide_unet, scheduler=model.scheduler).save_pretrained(root / "guide")
+    disc = EchoDiffDiscriminator(sample_size=16, in_channels=1, model_channels=16, channel_mult=(1, 2),
+                                 num_res_blocks=1, attention_resolutions=(8,), head_channels=8)
+    EchoDiffPipeline(unet=model.unet, scheduler=model.scheduler, discriminator=disc).save_pretrained(root / "with_dg")
+    out = root / "guidance"
+    argv = _args(workspace, "guidance-sweep", "--model", str(root / "with_dg"), "--guide", str(root / "guide"),
+                 "--steps", "3", "--seeds", "0-5", "--num_real", "20", "--ag_weights", "1,2", "--dg_weights", "3",
+                 "--intervals", "0:inf,0.5:10", "--composed", "2:3", "--output_dir", str(out))
+    rows = evaluate.main(argv)["rows"]
+    labels = [(r["guidance"], r["ag_weight"], r["dg_weight"], r["interval"]) for r in rows]
+    assert labels == [("unguided", 1, 0, "[0, inf]"), ("ag", 2, 0, "[0, inf]"), ("dg", 1, 3, "[0, inf]"),
+                      ("ag", 2, 0, "[0.5, 10]"), ("dg", 1, 3, "[0.5, 10]"), ("ag+dg", 2, 3, "[0, inf]")]
+    assert len({r["fid"] for r in rows}) == len(rows)  # every guidance changed the samples
+    assert {r["num_generated"] for r in rows} == {6} and {r["nfe"] for r in rows} == {5}
+    assert all(r["seconds_per_image"] > 0 for r in rows)
+    costs = [r["network_evaluations_per_batch"] for r in rows]
+    assert costs[0] == {"unet": 5} and costs[1] == {"unet": 5, "guide_unet": 5}
+    assert costs[5] == {"unet": 5, "guide_unet": 5, "discriminator": 3}  # DG first order: the 3 Euler evaluations
+    assert 0 < costs[3]["guide_unet"] < 5  # the interval skips the guide outside [0.5, 10]
+    # the unguided row is exactly the plain pipeline's images
+    plain = evaluate.main(_args(workspace, "fid", "--model", workspace["model"], "--seeds", "0-5", "--steps", "3",
+                                "--num_real", "20", "--no_kid", "--output_dir", str(root / "plain")))
+    np.testing.assert_array_equal(load_images(out / "samples" / "unguided"), load_images(plain["samples_dir"]))
+    assert rows[0]["fid"] == pytest.approx(plain["fid"], abs=1e-9)
+    table = (out / "guidance_sweep.md").read_text()
+    assert table.count("\n| ") == len(rows) and "6 generated images per row" in table
+    assert (out / "guidance_sweep.png").stat().st_size > 1000
+    again = evaluate.main(argv)["rows"]  # resumes from the shards: the same scores
+    assert [r["fid"] for r in again] == [r["fid"] for r in rows]
+
+
 def test_variance_study(workspace):
     out = workspace["root"] / "runs"
     result = evaluate.main(_args(workspace, "variance", "--model", workspace["model"], "--steps", "2", "--repeats", "2",

@@ -7,7 +7,10 @@ compose; each acts only inside its :class:`GuidanceInterval` of noise levels.
 
 * :class:`Denoiser`: the network under its preconditioning (no guidance).
 * :class:`Guidance`: the base of the wrappers (what the sampler asks passes through to the wrapped one).
+* :class:`AutoGuidance` (Karras et al. 2024): D_w = D_0 + w (D_1 - D_0), D_0 a weaker guide model.
 * :class:`DiscriminatorGuidance` (Kim et al. 2023): D_dg = D + w sigma^2 grad_x log r.
+
+Every denoiser counts its network evaluations (``evaluation_counts``), so a guided sampler reports what it cost.
 
 Carried by saved pipelines: imports only torch and the standard library.
 """
@@ -54,17 +57,26 @@ def per_sample(sigma, batch: int, device) -> torch.Tensor:
 
 
 class Denoiser:
-    """D(x; sigma) of ``network`` under ``preconditioning`` (an EDMPreconditioning), optionally label-conditioned."""
+    """D(x; sigma) of ``network`` under ``preconditioning`` (an EDMPreconditioning), optionally label-conditioned.
 
-    def __init__(self, network, preconditioning, class_labels: torch.Tensor | None = None):
+    ``name`` labels its evaluations in :meth:`evaluation_counts` (the pipeline component's name).
+    """
+
+    def __init__(self, network, preconditioning, class_labels: torch.Tensor | None = None, name: str = "unet"):
         self.network, self.preconditioning, self.class_labels = network, preconditioning, class_labels
+        self.name, self.calls = name, 0
 
     def __call__(self, x: torch.Tensor, sigma, evaluation: Evaluation | None = None) -> torch.Tensor:
+        self.calls += 1
         return self.preconditioning.denoise(self.network, x, sigma, self.class_labels)
 
     def networks(self) -> list:
         """The modules this denoiser runs (the sampler switches them to eval mode)."""
         return [self.network]
+
+    def evaluation_counts(self) -> dict[str, int]:
+        """Batched evaluations of each network so far, by name (a guided step costs more than one)."""
+        return {self.name: self.calls}
 
     def extra_churn(self, evaluation: Evaluation) -> torch.Tensor | None:
         """Per-sample gamma of extra churn the sampler should add before this Euler evaluation (None: none)."""
@@ -86,6 +98,48 @@ class Guidance:
 
     def extra_churn(self, evaluation: Evaluation) -> torch.Tensor | None:
         return self.denoiser.extra_churn(evaluation)
+
+    def evaluation_counts(self) -> dict[str, int]:
+        return self.denoiser.evaluation_counts()
+
+
+def check_finite(**values: float) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _per_sample_view(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+class AutoGuidance(Guidance):
+    """D_w = D_0 + w (D_1 - D_0) on the evaluations whose sigma is inside ``interval``; D_1 elsewhere.
+
+    D_1 is the wrapped denoiser (the main model), D_0 ``guide``: a denoiser of the same data and
+    preconditioning that is worse in the same ways (smaller and/or trained for less). w = 1 is the main
+    model alone, and the guide is then never evaluated; w > 1 pushes samples away from the guide's errors.
+    """
+
+    def __init__(self, denoiser, guide, weight: float = 1.0, interval: GuidanceInterval = GuidanceInterval(name="ag")):
+        check_finite(ag_weight=weight)
+        super().__init__(denoiser)
+        self.guide, self.weight, self.interval = guide, float(weight), interval
+
+    def __call__(self, x: torch.Tensor, sigma, evaluation: Evaluation) -> torch.Tensor:
+        d_1 = self.denoiser(x, sigma, evaluation)
+        inside = self.interval.contains(per_sample(sigma, x.shape[0], x.device))
+        if self.weight == 1 or not bool(inside.any()):
+            return d_1
+        d_0 = self.guide(x, sigma, evaluation).to(d_1.dtype)
+        d_w = d_0 + self.weight * (d_1 - d_0)
+        return torch.where(_per_sample_view(inside, d_w), d_w, d_1)
+
+    def networks(self) -> list:
+        return [*super().networks(), *self.guide.networks()]
+
+    def evaluation_counts(self) -> dict[str, int]:
+        return {**super().evaluation_counts(), **self.guide.evaluation_counts()}
 
 
 def discriminator_logits(output) -> torch.Tensor:
@@ -133,10 +187,8 @@ class DiscriminatorGuidance(Guidance):
     def __init__(self, denoiser, discriminator, weight_first_order: float = 0.0, weight_second_order: float = 0.0,
                  boost: float = 1.0, boost_churn: bool = False,
                  interval: GuidanceInterval = GuidanceInterval(DG_SIGMA_MIN, name="dg")):
-        for name, value in (("dg_weight_first_order", weight_first_order),
-                            ("dg_weight_second_order", weight_second_order), ("dg_boost", boost)):
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        check_finite(dg_weight_first_order=weight_first_order, dg_weight_second_order=weight_second_order,
+                     dg_boost=boost)
         if boost <= 0:
             raise ValueError(f"dg_boost must be > 0 (1 = no boosting), got {boost!r}")
         if discriminator is None:
@@ -147,6 +199,7 @@ class DiscriminatorGuidance(Guidance):
         self.weights = (float(weight_first_order), float(weight_second_order))
         self.boost, self.boost_churn = float(boost), bool(boost_churn)
         self.log_ratio = None  # log r at the last Euler evaluation (+inf outside the interval)
+        self.calls = 0
 
     def __call__(self, x: torch.Tensor, sigma, evaluation: Evaluation) -> torch.Tensor:
         denoised = self.denoiser(x, sigma, evaluation)
@@ -159,16 +212,20 @@ class DiscriminatorGuidance(Guidance):
             if evaluation.first_order:
                 self.log_ratio = torch.full((x.shape[0],), math.inf, device=x.device)
             return denoised
+        self.calls += 1
         log_ratio, grad = discriminator_log_ratio(self.discriminator, x, sigmas.to(torch.float32))
         scale = weight * sigmas.to(torch.float32) ** 2 * inside.to(torch.float32)
         if evaluation.first_order:
             if self.boost != 1 and evaluation.index % self.BOOST_PERIOD == 0:
                 scale = torch.where(log_ratio < 0, scale * self.boost, scale)
             self.log_ratio = torch.where(inside, log_ratio, torch.full_like(log_ratio, math.inf))
-        return denoised + scale.reshape((-1,) + (1,) * (denoised.ndim - 1)) * grad.to(denoised.dtype)
+        return denoised + _per_sample_view(scale, denoised) * grad.to(denoised.dtype)
 
     def networks(self) -> list:
         return [*super().networks(), self.discriminator]
+
+    def evaluation_counts(self) -> dict[str, int]:
+        return {**super().evaluation_counts(), "discriminator": self.calls}
 
     def extra_churn(self, evaluation: Evaluation) -> torch.Tensor | None:
         """Per-sample gamma of the extra churn before this Euler evaluation (see the class doc)."""

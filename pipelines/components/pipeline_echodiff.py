@@ -1,8 +1,8 @@
 """EchoDiffPipeline: sample echocardiogram images with an EDM-preconditioned network and EDM's Heun sampler.
 
 Components: ``unet`` (a raw network F(x, c_noise), e.g. SongUNet2DModel / ADMUNet2DModel), ``scheduler``
-(an EDMHeunScheduler, which also holds the preconditioning that turns F into the denoiser D) and an
-optional ``discriminator`` for Discriminator Guidance. Loading is diffusers' own
+(an EDMHeunScheduler, which also holds the preconditioning that turns F into the denoiser D), an
+optional ``discriminator`` for Discriminator Guidance and an optional ``guide_unet`` for autoguidance. Loading is diffusers' own
 (``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``); ``save_pretrained`` adds the code.
 
 Carried by saved pipelines (at the folder's root, with its sibling ``guidance.py``): imports only torch,
@@ -27,7 +27,14 @@ from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .guidance import DG_SIGMA_MIN, Denoiser, DiscriminatorGuidance, Evaluation, GuidanceInterval
+from .guidance import (
+    DG_SIGMA_MIN,
+    AutoGuidance,
+    Denoiser,
+    DiscriminatorGuidance,
+    Evaluation,
+    GuidanceInterval,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -45,18 +52,24 @@ class EchoDiffPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
-    _optional_components = ["discriminator"]
+    _optional_components = ["discriminator", "guide_unet"]
     _callback_tensor_inputs = ["latents", "denoised"]
 
-    def __init__(self, unet, scheduler, discriminator=None):
+    def __init__(self, unet, scheduler, discriminator=None, guide_unet=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, discriminator=discriminator)
+        self.register_modules(unet=unet, scheduler=scheduler, discriminator=discriminator, guide_unet=guide_unet)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
 
     @property
     def num_timesteps(self) -> int:
-        """Network evaluations of the last call (2N - 1 for N Heun steps)."""
+        """Sampler evaluations of the last call (2N - 1 for N Heun steps)."""
         return self._num_timesteps
+
+    @property
+    def network_evaluations(self) -> dict[str, int]:
+        """Batched evaluations of each network in the last call: {"unet": ..., "guide_unet": ...,
+        "discriminator": ...}; a guided evaluation costs more than one network."""
+        return dict(self._network_evaluations)
 
     @torch.no_grad()
     def __call__(self, batch_size: int | None = None, num_inference_steps: int = 30,
@@ -66,7 +79,8 @@ class EchoDiffPipeline(DiffusionPipeline):
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None,
                  discriminator=None, dg_weight_first_order: float = 0.0, dg_weight_second_order: float = 0.0,
                  dg_boost: float = 1.0, dg_boost_churn: bool = False, dg_sigma_min: float = DG_SIGMA_MIN,
-                 dg_sigma_max: float | None = None, **scheduler_overrides) -> ImagePipelineOutput | tuple:
+                 dg_sigma_max: float | None = None, guide_unet=None, ag_weight: float = 1.0, ag_sigma_min: float = 0.0,
+                 ag_sigma_max: float | None = None, **scheduler_overrides) -> ImagePipelineOutput | tuple:
         """Generate images.
 
         Args:
@@ -92,6 +106,10 @@ class EchoDiffPipeline(DiffusionPipeline):
                 this (the paper's "scaling of 2"; 1 = off).
             dg_boost_churn: the DG reference's extra churn (S_churn 4 every fifth step) for samples with log r < 0.
             dg_sigma_min, dg_sigma_max: DG's guidance interval (default 0.0447 .. no limit).
+            guide_unet: a guide network for this call instead of the pipeline's ``guide_unet``.
+            ag_weight: autoguidance weight w: D_w = D_0 + w (D_1 - D_0), D_1 the UNet, D_0 the guide under the same
+                preconditioning (Karras et al. 2024; 1, the default: no guidance and the guide is never run).
+            ag_sigma_min, ag_sigma_max: autoguidance's interval (default: every noise level); outside it D_1 alone.
             scheduler_overrides: sampler settings for this call only (any scheduler config field but the
                 preconditioning's, e.g. s_churn, s_min, s_max, s_noise, solver, sigma_min, sigma_max, rho).
         """
@@ -104,8 +122,12 @@ class EchoDiffPipeline(DiffusionPipeline):
         labels = self.prepare_class_labels(class_labels, num_images_per_prompt, device)
         scheduler = self.scheduler_for_call(scheduler_overrides)
         scheduler.set_timesteps(num_inference_steps, device=device)
-        denoiser = self.prepare_denoiser(scheduler, labels, discriminator, dg_weight_first_order, dg_weight_second_order,
-                                         dg_boost, dg_boost_churn, GuidanceInterval(dg_sigma_min, math.inf if dg_sigma_max is None else dg_sigma_max, "dg"))
+        denoiser = self.prepare_denoiser(
+            scheduler, labels, guide_unet=guide_unet, ag_weight=ag_weight,
+            ag_interval=GuidanceInterval(ag_sigma_min, _no_limit(ag_sigma_max), "ag"), discriminator=discriminator,
+            dg_weight_first_order=dg_weight_first_order, dg_weight_second_order=dg_weight_second_order,
+            dg_boost=dg_boost, dg_boost_churn=dg_boost_churn,
+            dg_interval=GuidanceInterval(dg_sigma_min, _no_limit(dg_sigma_max), "dg"))
         latents = self.prepare_latents(count, generator, latents, device) * scheduler.init_noise_sigma
         self._num_timesteps = len(scheduler.timesteps)
 
@@ -123,6 +145,7 @@ class EchoDiffPipeline(DiffusionPipeline):
                     outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in tensor_inputs})
                     latents = outputs.pop("latents", latents)
 
+        self._network_evaluations = denoiser.evaluation_counts()
         images = latents.to(torch.float32)
         if output_type != "latent":
             images = self.image_processor.postprocess(images, output_type=output_type)
@@ -194,12 +217,37 @@ class EchoDiffPipeline(DiffusionPipeline):
             raise TypeError(f"unexpected argument(s) {unknown}; sampler overrides are {self.sampler_settings()}")
         return type(self.scheduler).from_config(self.scheduler.config, **overrides)
 
-    def prepare_denoiser(self, scheduler, class_labels, discriminator, weight_first_order, weight_second_order,
-                         boost, boost_churn, interval: GuidanceInterval):
-        """D(x; sigma) of the UNet under the scheduler's preconditioning, wrapped in DG when a DG weight is set."""
+    def prepare_denoiser(self, scheduler, class_labels, guide_unet=None, ag_weight: float = 1.0,
+                         ag_interval: GuidanceInterval = GuidanceInterval(name="ag"), discriminator=None,
+                         dg_weight_first_order: float = 0.0, dg_weight_second_order: float = 0.0, dg_boost: float = 1.0,
+                         dg_boost_churn: bool = False, dg_interval: GuidanceInterval = GuidanceInterval(name="dg")):
+        """D(x; sigma) of the UNet under the scheduler's preconditioning, wrapped in autoguidance when
+        ``ag_weight != 1`` and then in DG when a DG weight is set (with neither: exactly the plain sampler)."""
         denoiser = Denoiser(self.unet, scheduler.preconditioning, class_labels)
+        denoiser = self.prepare_autoguidance(denoiser, scheduler, class_labels, guide_unet, ag_weight, ag_interval)
+        return self.prepare_discriminator_guidance(denoiser, scheduler, discriminator, dg_weight_first_order,
+                                                   dg_weight_second_order, dg_boost, dg_boost_churn, dg_interval)
+
+    def prepare_autoguidance(self, denoiser, scheduler, class_labels, guide_unet, weight: float,
+                             interval: GuidanceInterval):
+        if weight == 1:
+            return denoiser  # w = 1 is D_1 itself: the guide is not even needed
+        guide_unet = self.guide_unet if guide_unet is None else guide_unet
+        if guide_unet is None:
+            raise ValueError(f"ag_weight={weight} needs a guide network: this pipeline has no guide_unet (pass "
+                             "guide_unet=... or load a pipeline folder that holds one; ag_weight=1 is unguided)")
+        for field in ("in_channels", "sample_size", "label_dim"):
+            ours, theirs = getattr(self.unet.config, field, None), getattr(guide_unet.config, field, None)
+            if ours != theirs:
+                raise ValueError(f"guide_unet must match the unet it guides: {field} is {theirs!r}, the unet's is {ours!r}")
+        guide = Denoiser(guide_unet, scheduler.preconditioning, class_labels, name="guide_unet")
+        return AutoGuidance(denoiser, guide, weight, interval)
+
+    def prepare_discriminator_guidance(self, denoiser, scheduler, discriminator, weight_first_order: float,
+                                       weight_second_order: float, boost: float, boost_churn: bool,
+                                       interval: GuidanceInterval):
         if not (weight_first_order or weight_second_order):
-            return denoiser  # DG off: exactly the plain sampler
+            return denoiser  # DG off
         if boost_churn and not getattr(scheduler, "supports_sample_churn", False):
             raise ValueError(f"dg_boost_churn needs per-sample churn in EDM's time parameterisation, which "
                              f"{type(scheduler).__name__} with this config does not do")
@@ -245,6 +293,10 @@ class EchoDiffPipeline(DiffusionPipeline):
             kwargs["private"] = kwargs.get("private", True) is not False
             self.push_to_hub(kwargs.pop("repo_id", folder.name), safe_serialization=safe_serialization,
                              variant=variant, **kwargs)
+
+
+def _no_limit(sigma_max: float | None) -> float:
+    return math.inf if sigma_max is None else sigma_max
 
 
 @contextmanager
