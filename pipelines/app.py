@@ -324,6 +324,9 @@ def build_app(model: str = DEFAULT_MODEL, revision: str | None = None, trust_rem
                         elem_id="files")
 
         def load(model_text, revision_text, trust, current):
+            if lock_model:  # the box is hidden, but the event is still reachable through the API
+                return [current, "**Could not load the model:** this server serves one model only.", gr.update()] + \
+                    [gr.update() for _ in (*widgets, *groups)]
             key = ModelKey(model_text.strip(), revision_text.strip() or None, bool(trust), device)
             pipe, text = _try_load(cache, key)
             if pipe is None:  # keep serving the model this session had
@@ -363,10 +366,12 @@ def build_app(model: str = DEFAULT_MODEL, revision: str | None = None, trust_rem
         # One pipeline call at a time: a pipeline's scheduler keeps the state of the call in progress. The
         # queue serves each user's request in turn, each with its own seeds and outputs.
         load_button.click(load, [model_box, revision_box, trust_box, key_state],
-                          [key_state, status, nfe_text, *widgets.values(), *groups.values()], concurrency_id="pipeline")
+                          [key_state, status, nfe_text, *widgets.values(), *groups.values()], concurrency_id="pipeline",
+                          api_name="load")
         steps_box.change(show_nfe, [key_state, steps_box], nfe_text)
         generate_button.click(generate, {key_state, seed_box, count_box, steps_box, *widgets.values()},
-                              [message, grid, gallery, files], concurrency_id="pipeline", concurrency_limit=1)
+                              [message, grid, gallery, files], concurrency_id="pipeline", concurrency_limit=1,
+                              api_name="generate")
     blocks.queue(default_concurrency_limit=1)
     blocks.echodiff_controls = {name: (controls[name], widget) for name, widget in widgets.items()}
     return blocks

@@ -34,6 +34,7 @@ from pipelines.networks import build_network, tiny_config
 from pipelines.training.discriminator import build_discriminator
 from pipelines.utils import image_grid, to_uint8
 
+REPO = Path(__file__).resolve().parent.parent
 STEPS = 4  # 7 network evaluations
 
 
@@ -177,6 +178,29 @@ def test_images_and_files_are_the_pipelines(guided, tmp_path):
     for _ in range(3):
         write_outputs(images, seeds, tmp_path / "out", keep=2)
     assert len(list((tmp_path / "out").glob("run-*"))) == 2
+
+
+def test_space_card_configures_a_gradio_space():
+    import gradio
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard.load(REPO / "model_cards" / "space_card.md")
+    assert card.data.sdk == "gradio" and (REPO / card.data.app_file).is_file()
+    assert card.data.sdk_version.split(".")[0] == gradio.__version__.split(".")[0]  # the API app.py is written for
+
+
+def test_locked_app_refuses_other_models_even_through_the_api(folders, tmp_path):
+    from gradio_client import Client
+
+    blocks = app.build_app(str(folders / "plain"), lock_model=True, out_root=tmp_path, device="cpu")
+    port = free_port()
+    app.launch_app(blocks, port=port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        result = client.predict(str(folders / "dg"), "", True, api_name="/load")
+        assert "serves one model only" in str(result)
+    finally:
+        blocks.close()
 
 
 # ----- the page in a real browser -------------------------------------------------------------------------
