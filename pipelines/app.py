@@ -54,7 +54,13 @@ class Needs:
     check: Callable[[Any], bool]
 
 
+def solvers(pipe) -> tuple[str, ...]:
+    """The ODE solvers of the loaded pipeline's scheduler (its own code's list)."""
+    return tuple(getattr(inspect.getmodule(type(pipe.scheduler)), "SOLVERS", ()))
+
+
 ANY_PIPELINE = Needs("", lambda pipe: True)
+SEVERAL_SOLVERS = Needs("a scheduler with several solvers", lambda pipe: len(solvers(pipe)) > 1)
 HAS_DISCRIMINATOR = Needs("a discriminator (train one with train_discriminator.py)",
                           lambda pipe: getattr(pipe, "discriminator", None) is not None)
 
@@ -80,6 +86,8 @@ class Control:
 
 # New call arguments get one row each (their group becomes a section of the page).
 CONTROLS: tuple[Control, ...] = (
+    Control("solver", "ODE solver", "Sampler", info="heun: EDM's 2nd order, 2N - 1 evaluations; euler: N",
+            needs=SEVERAL_SOLVERS, choices=solvers),
     Control("s_churn", "S_churn (stochasticity)", "Sampler", 0.0, 100.0, 0.5,
             "EDM's churn: noise added back each step; 0 = the deterministic sampler"),
     Control("dg_weight_first_order", "DG weight on Euler steps", "Discriminator Guidance", 0.0, 20.0, 0.5,
@@ -223,9 +231,12 @@ def sampling_arguments(pipe, steps: Any, values: dict[str, Any], max_steps: int 
     return arguments
 
 
-def evaluations(pipe, steps: int) -> int:
-    """Network evaluations (NFE) of ``steps`` sampler steps with the pipeline's scheduler (Heun: 2N - 1)."""
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+def evaluations(pipe, steps: int, arguments: dict[str, Any] | None = None) -> int:
+    """Network evaluations (NFE) of ``steps`` sampler steps with the pipeline's scheduler and the sampler
+    settings among ``arguments`` (Heun: 2N - 1, Euler: N)."""
+    settings = set(pipe.sampler_settings()) if hasattr(pipe, "sampler_settings") else set()
+    overrides = {k: v for k, v in (arguments or {}).items() if k in settings}
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
     scheduler.set_timesteps(int(steps))
     return len(scheduler.timesteps)
 
@@ -323,7 +334,7 @@ def build_app(model: str = DEFAULT_MODEL, revision: str | None = None, trust_rem
         files = gr.File(label="downloads: PNGs, grid, uint8 NPZ (images NCHW, seeds)", file_count="multiple",
                         elem_id="files")
 
-        def load(model_text, revision_text, trust, current):
+        def load(model_text, revision_text, trust, current, steps):
             if lock_model:  # the box is hidden, but the event is still reachable through the API
                 return [current, "**Could not load the model:** this server serves one model only.", gr.update()] + \
                     [gr.update() for _ in (*widgets, *groups)]
@@ -332,11 +343,12 @@ def build_app(model: str = DEFAULT_MODEL, revision: str | None = None, trust_rem
             if pipe is None:  # keep serving the model this session had
                 kept = f" Still using `{current.model}`." if current is not None else ""
                 return [current, text.rstrip(".") + "." + kept, gr.update()] + [gr.update() for _ in (*widgets, *groups)]
-            return [key, text, _nfe_line(pipe, 30)] + _control_updates(gr, pipe)
+            return [key, text, _nfe_line(pipe, steps)] + _control_updates(gr, pipe)
 
-        def show_nfe(current, steps):
+        def show_nfe(data):
+            current = data[key_state]
             pipe = cache.get(current) if current is not None else None
-            return _nfe_line(pipe, steps)
+            return _nfe_line(pipe, data[steps_box], {n: data[w] for n, w in widgets.items()})
 
         def generate(data, progress=gr.Progress()):
             current = data[key_state]
@@ -365,10 +377,11 @@ def build_app(model: str = DEFAULT_MODEL, revision: str | None = None, trust_rem
 
         # One pipeline call at a time: a pipeline's scheduler keeps the state of the call in progress. The
         # queue serves each user's request in turn, each with its own seeds and outputs.
-        load_button.click(load, [model_box, revision_box, trust_box, key_state],
+        load_button.click(load, [model_box, revision_box, trust_box, key_state, steps_box],
                           [key_state, status, nfe_text, *widgets.values(), *groups.values()], concurrency_id="pipeline",
                           api_name="load")
-        steps_box.change(show_nfe, [key_state, steps_box], nfe_text)
+        for changed in (steps_box, *widgets.values()):
+            changed.change(show_nfe, {key_state, steps_box, *widgets.values()}, nfe_text, show_progress="hidden")
         generate_button.click(generate, {key_state, seed_box, count_box, steps_box, *widgets.values()},
                               [message, grid, gallery, files], concurrency_id="pipeline", concurrency_limit=1,
                               api_name="generate")
@@ -389,11 +402,12 @@ def _try_load(cache: PipelineCache, key: ModelKey):
     return pipe, describe(pipe, key)
 
 
-def _nfe_line(pipe, steps) -> str:
+def _nfe_line(pipe, steps, values: dict[str, Any] | None = None) -> str:
     if pipe is None:
         return ""
     try:
-        return f"{int(steps)} steps = {evaluations(pipe, steps)} network evaluations (NFE) per image"
+        arguments = {c.name: values[c.name] for c in CONTROLS if values and c.name in values and c.supported(pipe)}
+        return f"{int(steps)} steps = {evaluations(pipe, steps, arguments)} network evaluations (NFE) per image"
     except (ValueError, TypeError) as exc:
         return f"**Error:** {exc}"
 

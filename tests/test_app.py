@@ -127,6 +127,16 @@ def test_cache_loads_once_and_keeps_the_last_ones(folders):
     assert len(loads) == 3  # size 1: the plain pipeline was dropped and loaded again
 
 
+def test_a_loaded_dg_pipeline_survives_loading_another(folders):
+    """The app keeps several pipelines in one process; loading a folder re-executes its remote-code files,
+    which must not break the pipelines loaded before (the discriminator's blocks once did)."""
+    first = load_pipeline(folders / "dg")
+    before = reference(first, [1, 2], dg_weight_first_order=5.0)
+    load_pipeline(folders / "dg")
+    load_pipeline(folders / "plain")
+    assert np.array_equal(reference(first, [1, 2], dg_weight_first_order=5.0), before)
+
+
 def test_seed_ranges():
     assert seeds_for(7, 3) == [7, 8, 9]
     assert seeds_for(7.0, 2.0) == [7, 8]  # Gradio's number fields send floats
@@ -145,6 +155,25 @@ def test_controls_follow_the_pipeline(plain, guided):
     # An argument the loaded pipeline's code does not take (a later feature on an older saved pipeline) is hidden.
     assert not Control("ag_weight", "autoguidance", "Autoguidance", 0.0, 5.0, 0.1).supported(guided)
     assert {"seeds", "num_inference_steps", "s_churn", "dg_weight_first_order"} <= call_arguments(guided)
+    solver = next(c for c in CONTROLS if c.name == "solver")
+    assert solver.supported(plain) and control_default(plain, solver) == "heun"
+    assert list(solver.choices(plain)) == ["heun", "euler"]  # the loaded scheduler's own list
+
+
+def test_widgets_come_from_the_table(guided, folders, monkeypatch):
+    """A new row is one line: a slider, a number field (empty = None) or a dropdown, with the pipeline's default."""
+    import gradio as gr
+
+    extra = Control("dg_sigma_max", "DG up to sigma", "Discriminator Guidance", 0.0, 80.0, None,
+                    needs=app.HAS_DISCRIMINATOR)
+    monkeypatch.setattr(app, "CONTROLS", (*CONTROLS, extra))
+    blocks = app.build_app(str(folders / "dg"), device="cpu")
+    widgets = {name: widget for name, (_, widget) in blocks.echodiff_controls.items()}
+    assert isinstance(widgets["dg_sigma_max"], gr.Number) and widgets["dg_sigma_max"].value is None
+    assert isinstance(widgets["solver"], gr.Dropdown) and widgets["solver"].value == "heun"
+    assert isinstance(widgets["dg_boost"], gr.Slider) and widgets["dg_boost"].value == 1.0
+    assert widgets["dg_sigma_max"].visible and widgets["dg_weight_first_order"].visible
+    assert sampling_arguments(guided, 4, {"dg_sigma_max": None})["dg_sigma_max"] is None
 
 
 def test_argument_checks(plain, guided):
@@ -157,6 +186,7 @@ def test_argument_checks(plain, guided):
     with pytest.raises(ValueError, match="needs a discriminator"):
         sampling_arguments(plain, 4, {**values, "dg_weight_first_order": 5.0})
     assert evaluations(plain, 6) == 11 and evaluations(plain, 2) == 3  # Heun: 2N - 1
+    assert evaluations(plain, 6, {"solver": "euler", "seeds": [1]}) == 6
 
 
 def test_images_and_files_are_the_pipelines(guided, tmp_path):
@@ -197,7 +227,7 @@ def test_locked_app_refuses_other_models_even_through_the_api(folders, tmp_path)
     app.launch_app(blocks, port=port, block=False)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        result = client.predict(str(folders / "dg"), "", True, api_name="/load")
+        result = client.predict(str(folders / "dg"), "", True, STEPS, api_name="/load")
         assert "serves one model only" in str(result)
     finally:
         blocks.close()
@@ -322,6 +352,14 @@ def test_page_in_headless_chromium(folders, plain, guided, tmp_path):
             user_a.locator("#control-dg_weight_first_order").wait_for(state="hidden")
             before = generate(user_a, 5, 2)
             assert np.array_equal(wait_for_images(user_a, [5, 6], before), reference(plain, [5, 6]))
+
+            # A dropdown row of the table: Euler's N evaluations instead of Heun's 2N - 1.
+            user_a.locator("#control-solver input").click()
+            user_a.get_by_role("option", name="euler").click()
+            user_a.locator("#nfe").get_by_text(f"{STEPS} steps = {STEPS} network evaluations").wait_for()
+            before = generate(user_a, 9, 1)
+            assert np.array_equal(wait_for_images(user_a, [9], before), reference(plain, [9], solver="euler"))
+            assert f"({STEPS} NFE each)" in user_a.locator("#message").inner_text()
             browser.close()
     finally:
         blocks.close()
