@@ -351,29 +351,9 @@ def build_app(model: str = DEFAULT_MODEL, revision: str | None = None, trust_rem
             return _nfe_line(pipe, data[steps_box], {n: data[w] for n, w in widgets.items()})
 
         def generate(data, progress=gr.Progress()):
-            current = data[key_state]
-            try:
-                if current is None:
-                    raise ValueError("no pipeline loaded: enter a saved pipeline folder or a Hub id and press Load "
-                                     f"(`python3 demo.py` writes {DEFAULT_MODEL})")
-                pipe = cache.get(current)
-                seeds = seeds_for(data[seed_box], data[count_box], max_images)
-                arguments = sampling_arguments(pipe, data[steps_box], {n: data[w] for n, w in widgets.items()},
-                                               max_steps)
-                began = time.perf_counter()
-                images = sample(pipe, seeds, arguments, lambda done, total: progress((done, total), unit="NFE"))
-                seconds = time.perf_counter() - began
-                outputs = write_outputs(images, seeds, out_root)
-            except (ValueError, TypeError) as exc:
-                return f"**Error:** {exc}", None, None, None
-            except Exception:  # noqa: BLE001 - the page shows a line, the server log keeps the traceback
-                logger.exception("sampling failed")
-                return "**Error:** sampling failed on the server (see its log).", None, None, None
-            line = (f"{len(seeds)} image(s), seeds {seeds[0]}-{seeds[-1]}, {arguments['num_inference_steps']} steps "
-                    f"({pipe.num_timesteps} NFE each): sampled in {seconds:.2f} s.")
-            gallery_items = [(str(p), f"seed {s}") for p, s in zip(outputs.images, seeds)]
-            return line, str(outputs.grid), gallery_items, [str(outputs.grid), str(outputs.npz),
-                                                             *map(str, outputs.images)]
+            return run_request(cache, data[key_state], data[seed_box], data[count_box], data[steps_box],
+                               {n: data[w] for n, w in widgets.items()}, out_root,
+                               lambda done, total: progress((done, total), unit="NFE"), max_images, max_steps)
 
         # One pipeline call at a time: a pipeline's scheduler keeps the state of the call in progress. The
         # queue serves each user's request in turn, each with its own seeds and outputs.
@@ -388,6 +368,33 @@ def build_app(model: str = DEFAULT_MODEL, revision: str | None = None, trust_rem
     blocks.queue(default_concurrency_limit=1)
     blocks.echodiff_controls = {name: (controls[name], widget) for name, widget in widgets.items()}
     return blocks
+
+
+def run_request(cache: PipelineCache, key: ModelKey | None, first_seed, count, steps, values: dict[str, Any],
+                out_root: Path, progress: Callable[[int, int], None] | None = None, max_images: int = MAX_IMAGES,
+                max_steps: int = MAX_STEPS):
+    """One press of Generate: (message, grid PNG, gallery items, download files); a bad request gets its
+    message and no images, never a traceback."""
+    try:
+        if key is None:
+            raise ValueError("no pipeline loaded: enter a saved pipeline folder or a Hub id and press Load "
+                             f"(`python3 demo.py` writes {DEFAULT_MODEL})")
+        pipe = cache.get(key)
+        seeds = seeds_for(first_seed, count, max_images)
+        arguments = sampling_arguments(pipe, steps, values, max_steps)
+        began = time.perf_counter()
+        images = sample(pipe, seeds, arguments, progress)
+        seconds = time.perf_counter() - began
+        outputs = write_outputs(images, seeds, out_root)
+    except (ValueError, TypeError) as exc:
+        return f"**Error:** {exc}", None, None, None
+    except Exception:  # noqa: BLE001 - the page shows a line, the server log keeps the traceback
+        logger.exception("sampling failed")
+        return "**Error:** sampling failed on the server (see its log).", None, None, None
+    line = (f"{len(seeds)} image(s), seeds {seeds[0]}-{seeds[-1]}, {arguments['num_inference_steps']} steps "
+            f"({pipe.num_timesteps} NFE each): sampled in {seconds:.2f} s.")
+    gallery = [(str(path), f"seed {seed}") for path, seed in zip(outputs.images, seeds)]
+    return line, str(outputs.grid), gallery, [str(outputs.grid), str(outputs.npz), *map(str, outputs.images)]
 
 
 def _try_load(cache: PipelineCache, key: ModelKey):

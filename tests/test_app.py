@@ -233,6 +233,21 @@ def test_locked_app_refuses_other_models_even_through_the_api(folders, tmp_path)
         blocks.close()
 
 
+def test_requests_answer_with_a_message(folders, tmp_path):
+    cache = PipelineCache()
+    key = ModelKey(str(folders / "plain"))
+    values = {"s_churn": 2.0, "dg_weight_first_order": 0.0}
+    message, grid, gallery, files = app.run_request(cache, key, 3, 2, STEPS, values, tmp_path)
+    assert "seeds 3-4" in message and f"{STEPS} steps ({2 * STEPS - 1} NFE each)" in message
+    assert Path(grid).is_file() and [caption for _, caption in gallery] == ["seed 3", "seed 4"] and len(files) == 4
+    for request, expected in [((key, 3, 2, 1), "steps must be in 2"), ((None, 3, 2, STEPS), "no pipeline loaded"),
+                              ((key, -1, 2, STEPS), "seed must be"), ((key, 3, 0, STEPS), "number of images")]:
+        message, *outputs = app.run_request(cache, *request, values, tmp_path)
+        assert message.startswith("**Error:**") and expected in message and outputs == [None, None, None]
+    message, *_ = app.run_request(cache, key, 3, 1, STEPS, {**values, "dg_weight_first_order": 5.0}, tmp_path)
+    assert "needs a discriminator" in message
+
+
 # ----- the page in a real browser -------------------------------------------------------------------------
 
 
