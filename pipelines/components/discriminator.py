@@ -49,6 +49,10 @@ class DiscriminatorOutput(BaseOutput):
 class _ResBlock(nn.Module):
     """ADM residual block: scale-shift noise conditioning, optional 2x average-pool downsampling."""
 
+    # Checked instead of isinstance: diffusers re-executes a remote-code file when another pipeline folder is
+    # loaded, and blocks built before that are instances of the previous _ResBlock class.
+    takes_embedding = True
+
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, down: bool = False):
         super().__init__()
         self.down = down
@@ -320,7 +324,7 @@ class EchoDiffDiscriminator(ModelMixin, ConfigMixin):
         emb = F.silu(self.embed(self.noise_embedding(c_noise).to(dtype)))
         h = self.conv_in(x.to(dtype))
         for block in self.blocks:
-            h = block(h, emb) if isinstance(block, _ResBlock) else block(h)
+            h = block(h, emb) if getattr(block, "takes_embedding", False) else block(h)
         h = F.silu(self.out_norm(h))
         pooled = self.attention_pool(h) if self.attention_pool is not None else h.mean(dim=(2, 3))
         logits = self.head(pooled)[:, 0].float()
