@@ -63,6 +63,8 @@ ANY_PIPELINE = Needs("", lambda pipe: True)
 SEVERAL_SOLVERS = Needs("a scheduler with several solvers", lambda pipe: len(solvers(pipe)) > 1)
 HAS_DISCRIMINATOR = Needs("a discriminator (train one with train_discriminator.py)",
                           lambda pipe: getattr(pipe, "discriminator", None) is not None)
+HAS_GUIDE = Needs("a guide network (guide_unet; attach one with pipelines.hub.attach_guide)",
+                  lambda pipe: getattr(pipe, "guide_unet", None) is not None)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,12 @@ CONTROLS: tuple[Control, ...] = (
             "paper: 0", HAS_DISCRIMINATOR),
     Control("dg_boost", "DG boost", "Discriminator Guidance", 1.0, 4.0, 0.5,
             "scales the DG vector of samples the discriminator calls fake; paper: 2 (1 = off)", HAS_DISCRIMINATOR),
+    Control("ag_weight", "Autoguidance weight", "Autoguidance", 0.0, 5.0, 0.05,
+            "D_0 + w (D_1 - D_0) with the guide D_0; 1 = no guidance", HAS_GUIDE),
+    Control("ag_sigma_min", "Autoguidance from sigma", "Autoguidance", 0.0, 80.0, None,
+            "guide only for sigma >= this", HAS_GUIDE),
+    Control("ag_sigma_max", "Autoguidance up to sigma", "Autoguidance", 0.0, 80.0, None,
+            "empty = no limit", HAS_GUIDE),
 )
 
 

@@ -153,11 +153,33 @@ def test_controls_follow_the_pipeline(plain, guided):
     assert churn.supported(plain) and control_default(plain, churn) == 2.0  # the saved scheduler's value
     assert control_default(guided, next(c for c in CONTROLS if c.name == "dg_boost")) == 1.0
     # An argument the loaded pipeline's code does not take (a later feature on an older saved pipeline) is hidden.
-    assert not Control("ag_weight", "autoguidance", "Autoguidance", 0.0, 5.0, 0.1).supported(guided)
+    assert not Control("some_future_argument", "later", "Later", 0.0, 5.0, 0.1).supported(guided)
     assert {"seeds", "num_inference_steps", "s_churn", "dg_weight_first_order"} <= call_arguments(guided)
     solver = next(c for c in CONTROLS if c.name == "solver")
     assert solver.supported(plain) and control_default(plain, solver) == "heun"
     assert list(solver.choices(plain)) == ["heun", "euler"]  # the loaded scheduler's own list
+
+
+def test_autoguidance_controls_need_a_guide_and_give_the_pipelines_images(plain):
+    ag_controls = [c for c in CONTROLS if c.name.startswith("ag_")]
+    assert {c.name for c in ag_controls} == {"ag_weight", "ag_sigma_min", "ag_sigma_max"}
+    assert not any(c.supported(plain) for c in ag_controls)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        guide = build_network("adm", channels=1, **tiny_config("adm")).eval()
+        with torch.no_grad():
+            for parameter in guide.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    with_guide = EchoDiffPipeline(unet=plain.unet, scheduler=plain.scheduler, guide_unet=guide)
+    assert all(c.supported(with_guide) for c in ag_controls)
+    assert control_default(with_guide, ag_controls[0]) == 1.0  # the call's own default: unguided
+    values = {"s_churn": 2.0, "ag_weight": 2.0, "ag_sigma_min": 0.0, "ag_sigma_max": None}
+    with pytest.raises(ValueError, match="needs a guide network"):
+        sampling_arguments(plain, 4, values)
+    arguments = sampling_arguments(with_guide, STEPS, values)
+    images = sample(with_guide, [1, 2], arguments, lambda done, total: None)
+    assert np.array_equal(images, reference(with_guide, [1, 2], ag_weight=2.0, s_churn=2.0))
+    assert not np.array_equal(images, reference(with_guide, [1, 2]))  # the guide acted
 
 
 def test_widgets_come_from_the_table(guided, folders, monkeypatch):
