@@ -151,6 +151,15 @@ class Snapshot:
     std: float
 
 
+def remove_partial_snapshots(folder: str | Path) -> list[Path]:
+    """Deletes the hidden temporary files of snapshot writes that were killed (one process only)."""
+    folder = Path(folder)
+    leftovers = [p for p in folder.glob(".phema-*.tmp-*")] if folder.is_dir() else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
 def list_snapshots(folder: str | Path) -> list[Snapshot]:
     """The complete snapshots in ``folder`` (hidden temporary files of killed writes are not listed), by time."""
     folder = Path(folder)

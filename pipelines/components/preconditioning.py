@@ -187,13 +187,19 @@ class EDMPreconditioning:
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """(D(x; sigma), u(sigma)) for a network with an uncertainty head (EDM2): it is called with
         ``return_logvar=True`` and its output carries ``.logvar`` (B, 1, 1, 1)."""
-        denoised, output = self._run(network, x, sigma, class_labels, return_logvar=True)
+        message = (f"{type(network).__name__} has no uncertainty head (the uncertainty-weighted loss needs a network "
+                   f"whose forward takes return_logvar=True: an EDM2 UNet)")
+        try:
+            denoised, output = self._run(network, x, sigma, class_labels, return_logvar=True)
+        except TypeError as err:
+            if "return_logvar" in str(err):
+                raise TypeError(message) from err
+            raise
         logvar = getattr(output, "logvar", None)
         if logvar is None and isinstance(output, (tuple, list)) and len(output) > 1:
             logvar = output[1]
         if logvar is None:
-            raise TypeError(f"{type(network).__name__} returned no logvar: the uncertainty-weighted loss needs a "
-                            f"network with an uncertainty head (an EDM2 UNet)")
+            raise TypeError(message)
         return denoised, logvar.to(torch.float32).reshape(x.shape[0], *(1,) * (x.ndim - 1))
 
     def _run(self, network, x: torch.Tensor, sigma, class_labels, **network_kwargs):

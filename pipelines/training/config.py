@@ -4,7 +4,7 @@
 their role on resume (``dataclasses.field(metadata=...)``). From them come the ``train_unconditional.py``
 parser (:func:`build_parser`), its inverse (:func:`config_to_cli_args`, used by the sweep to launch
 training in a subprocess), the mapping check of the sweep (:func:`config_from_dict`) and
-:func:`validate_config`. Flag ``--name`` sets field ``name``; a boolean that defaults to True is turned
+:func:`validate_config`. Flag ``--name`` sets field ``name``; a boolean that defaults to True (or that a recipe turns on) is turned
 off with ``--no_name``; an optional value takes ``none``.
 """
 
@@ -261,8 +261,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         group = groups[f.metadata["group"]]
         base, optional = _value_type(name)
         flag, help_text = f"--{name}", _help_text(f)
-        if base is bool and f.default:
-            group.add_argument(flag, f"--no_{name}", dest=name, action=_SnakeBooleanAction, default=True,
+        if base is bool and (f.default or name in EDM2_RECIPE):  # a recipe may turn it on: --no_ turns it off
+            group.add_argument(flag, f"--no_{name}", dest=name, action=_SnakeBooleanAction, default=f.default,
                                help=help_text)
         elif base is bool:
             group.add_argument(flag, action="store_true", help=help_text)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pipelines.ema import EDMEma
-from pipelines.phema import SNAPSHOT_DIR, PowerFunctionEMA
+from pipelines.phema import SNAPSHOT_DIR, PowerFunctionEMA, remove_partial_snapshots
 from pipelines.training.checkpoints import (
     CheckpointStore,
     check_resume_compatible,
@@ -179,6 +179,7 @@ def _prepare_output_dir(accelerator, output_dir: Path, store: CheckpointStore) -
     if accelerator.is_main_process:
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)
         store.remove_partial()
+        remove_partial_snapshots(output_dir / SNAPSHOT_DIR)
     accelerator.wait_for_everyone()
 
 
