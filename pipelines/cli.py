@@ -25,3 +25,14 @@ def int_list_arg(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
     return values
+
+
+def float_list_arg(text: str) -> list[float]:
+    """A comma list of numbers, e.g. '0.05,0.1'."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers such as 0.05,0.1, got {text!r}") from err
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}")
+    return values

@@ -193,3 +193,15 @@ def reconstruct(snapshots: Sequence[Snapshot], out_std: float, out_images: int |
     info = {"std": out_std, "images_seen": out_images, "snapshots": len(used),
             "residual": reconstruction_residual(in_t, in_std, out_images, out_std, coefs)}
     return {name: t.to(torch.float32) for name, t in total.items()}, info
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Write reconstructed ``tensors`` (the names an EMA tracks: parameters and float buffers) into ``model``."""
+    targets = dict(EDMEma._tracked(model))
+    if set(targets) != set(tensors):
+        odd = sorted(set(targets) ^ set(tensors))[:3]
+        raise ValueError(f"post-hoc EMA snapshots do not match the model's tensors (e.g. {odd})")
+    for name, target in targets.items():
+        target.copy_(tensors[name].to(device=target.device, dtype=target.dtype))
+    return model

@@ -221,3 +221,32 @@ def test_killed_snapshot_write_leaves_no_corrupt_snapshot(frames16, tmp_path, st
     got, expected = snapshot_contents(tmp_path), snapshot_contents(straight[0])
     assert got.keys() == expected.keys()
     assert_same_snapshots(got, expected)
+
+
+def test_phema_sweep_scores_each_length_and_exports_the_best(frames16, tmp_path, straight):
+    import evaluate
+    from pipelines.data.frame_reader import load_frames
+    from pipelines.hub import load_pipeline
+    from pipelines.phema import load_weights
+
+    run = straight[0]
+    snapshots = list_snapshots(run / "phema")
+    # At the last snapshot's time a tracked length is reproduced by (nearly) that snapshot alone.
+    tensors, _ = reconstruct(snapshots, 0.05)
+    last = load_file(str(run / "phema" / "phema-000000000048-0.050.safetensors"))
+    assert all(torch.allclose(tensors[k], last[k], rtol=1e-4, atol=1e-5) for k in last)
+
+    num_real = len(load_frames(frames16, "train"))
+    result = evaluate.main(["phema-sweep", "--run", str(run), "--ema_std", "0.1,0.05,0.2", "--seeds", "0-5",
+                            "--steps", "2", "--dataset", frames16, "--num_real", str(num_real), "--cache_dir",
+                            str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--no_progress_bar"])
+    assert [row["ema_std"] for row in result["rows"]] == [0.05, 0.1, 0.2]
+    assert all(np.isfinite(row["fid"]) and row["num_generated"] == 6 for row in result["rows"])
+    assert len({row["fid"] for row in result["rows"]}) == 3  # different weights, different scores
+    assert result["best"]["fid"] == min(row["fid"] for row in result["rows"])
+    assert (tmp_path / "out" / "phema_sweep.csv").is_file() and (tmp_path / "out" / "phema_sweep.png").is_file()
+    best = load_pipeline(result["pipeline"])
+    expected = load_weights(load_pipeline(run / "pipeline").unet, reconstruct(snapshots, result["best"]["ema_std"])[0])
+    assert all(torch.equal(a, b) for a, b in zip(best.unet.state_dict().values(), expected.state_dict().values()))
+    card = (Path(result["pipeline"]) / "README.md").read_text()
+    assert f"relative std **{result['best']['ema_std']:g}**" in card
