@@ -145,7 +145,7 @@ def test_shipped_configs_parse():
     assert all(paper.train_config(r).batch_size == 512 for r in paper.runs[:7])
     edm2 = {r.name: paper.train_config(r) for r in paper.runs[7:]}
     assert sorted(edm2) == ["edm2-s", "edm2-xs"]
-    for name, cfg in edm2.items():  # the recipe fills what the shared train: section does not set
+    for cfg in edm2.values():  # the recipe fills what the shared train: section does not set
         assert (cfg.recipe, cfg.batch_size, cfg.adam_beta2, cfg.p_mean, cfg.p_std, cfg.phema) == \
             ("edm2", 2048, 0.99, -0.8, 1.6, True)
     assert (edm2["edm2-s"].lr, edm2["edm2-xs"].lr) == (0.010, 0.012)
