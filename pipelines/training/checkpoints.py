@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.training.config import MODEL, RUN, ConfigError, TrainConfig, fields_with_resume_role
+from pipelines.training.config import (
+    MODEL,
+    RUN,
+    ConfigError,
+    TrainConfig,
+    default_value,
+    fields_with_resume_role,
+)
 from pipelines.utils import fsync_dir, fsync_tree, jsonable
 
 logger = logging.getLogger(__name__)
@@ -206,6 +213,8 @@ def check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, path: Path)
     """Refuses a checkpoint of another model; warns when run settings changed (the run is then not the
     uninterrupted one)."""
     current = jsonable(cfg.to_dict())  # tuples -> lists, as saved
+    # A setting newer than the checkpoint (e.g. recipe, phema) had its declared default then.
+    saved = {**jsonable({k: default_value(k) for k in current if k not in saved}), **saved}
     for key in fields_with_resume_role(MODEL):
         if saved.get(key) != current.get(key) and not (key in ("resolution", "channels") and current.get(key) is None):
             raise ConfigError(

@@ -200,6 +200,12 @@ def effective_defaults(recipe: str, arch: str) -> dict[str, Any]:
     return dict(defaults, **recipe_settings(recipe, arch))
 
 
+def default_value(name: str) -> Any:
+    """The declared default of field ``name`` (None for a required field or a name that is not a field)."""
+    field = FIELDS.get(name)
+    return None if field is None or name in REQUIRED else _default_of(field)
+
+
 def choices_of(name: str) -> tuple[str, ...] | None:
     choices = FIELDS[name].metadata["choices"]
     return tuple(choices() if callable(choices) else choices) if choices is not None else None
