@@ -8,6 +8,7 @@ Subcommands (each writes a JSON of results into --output_dir):
   variance     the paper's two variance experiments (mean +- std over --repeats)
   guidance-sweep  FID / KID over guidance weights and sigma intervals (autoguidance, DG, both) on one protocol
   sweep        the Table 1 grid: train each configured run, score it, write the table
+  phema-sweep  post-hoc EMA (EDM2): FID per reconstructed EMA length of a --phema run, the best exported
 
 Examples:
   python evaluate.py fid --model runs/edm-ddpmpp --dataset data/frames64 --seeds 0-49999
@@ -15,6 +16,7 @@ Examples:
   python evaluate.py fid-vs-nfe --model runs/edm-adm --dataset data/frames64 --steps 5,10,18,30,50
   python evaluate.py guidance-sweep --model runs/main/pipeline --guide runs/guide/pipeline --dataset data/frames64 \
       --ag_weights 1.5,2,3 --intervals 0:inf,0.28:5.42 --seeds 0-9999
+  python evaluate.py phema-sweep --run runs/edm2-s --dataset data/frames64 --ema_std 0.03,0.05,0.07,0.1,0.15
   accelerate launch evaluate.py fid --model user/echodiff-adm --dataset user/echonet-frames
 """
 
@@ -123,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(guided, seeds_default="0-9999")
     _add_reference_args(guided)
     _add_common_args(guided)
+    phema = sub.add_parser("phema-sweep", help="FID per post-hoc EMA length of a --phema run (EDM2)")
+    phema.add_argument("--run", required=True, help="training output_dir of a --phema run (with phema/ and pipeline/)")
+    phema.add_argument("--ema_std", type=float_list_arg, default=[0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2],
+                       help="comma list of relative EMA stds to reconstruct (default 0.02,0.03,0.05,0.07,0.1,0.15,0.2)")
+    phema.add_argument("--steps", type=int, default=30, help="sampler steps N (NFE = 2N - 1; default 30)")
+    phema.add_argument("--seeds", default="0-49999", help="seeds, EDM style (default 0-49999)")
+    phema.add_argument("--gen_batch_size", type=int, default=32, help="images per pipeline call (per process)")
+    phema.add_argument("--no_kid", action="store_true", help="skip KID")
+    phema.add_argument("--no_export", action="store_true", help="do not save the best as a pipeline")
+    _add_reference_args(phema)
+    _add_common_args(phema)
 
     from pipelines.evaluation import sweep as sweep_lib
 
@@ -178,6 +191,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     from pipelines.hub import load_pipeline
 
     accelerator = Accelerator()
+    if args.command == "phema-sweep":
+        from pipelines.evaluation.phema_sweep import phema_sweep
+
+        result = phema_sweep(args.run, args.ema_std, frames, out, seeds=args.seeds, num_inference_steps=args.steps,
+                             pipeline=load_pipeline(Path(args.run) / "pipeline", device=str(accelerator.device)),
+                             export=not args.no_export, accelerator=accelerator, gen_batch_size=args.gen_batch_size,
+                             detector=InceptionDetector(device=device) if accelerator.is_main_process else None,
+                             kid=not args.no_kid, **common)
+        return _finish(result, out / "phema_sweep.json") if accelerator.is_main_process else None
     pipeline = load_pipeline(args.model, device=str(accelerator.device))
     sampler_kwargs = args.sampler_kwargs
     run_info = {"model": str(args.model)}

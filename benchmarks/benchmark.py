@@ -47,6 +47,8 @@ from pipelines.networks import ARCHITECTURES  # noqa: E402
 
 ROWS = ("ceiling", "train", "sample", "optim", "dg", "losscurve", "inception", "data")
 ARCHS = tuple(ARCHITECTURES)
+# The default run: the paper's three and the EDM2 presets that fit its budget (M..XL: pass --arch).
+DEFAULT_ARCHS = ("adm", "ddpmpp", "ncsnpp", "edm2-xs", "edm2-s")
 PRECISIONS = ("fp32", "bf16")
 # NVlabs EDM, fp32, 2 threads, batch 8, 64x64, 3 channels, on this machine kind (issue 10).
 REFERENCE = {
@@ -615,7 +617,8 @@ def render_table(results: dict) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=ROWS, action="append", help="row(s) to run (repeatable; default all)")
-    parser.add_argument("--arch", choices=ARCHS, action="append", help="network(s) (repeatable; default all)")
+    parser.add_argument("--arch", choices=ARCHS, action="append",
+                        help=f"network(s) (repeatable; default {', '.join(DEFAULT_ARCHS)})")
     parser.add_argument("--precision", choices=PRECISIONS, action="append", help="fp32 / bf16 (default both)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--channels", type=int, default=3, help="3 matches the EDM reference figures (echo is 1)")
@@ -651,7 +654,7 @@ def parse_args(argv=None):
         parser.error("--reps must be >= 1")
     if args.resolution is None:
         args.resolution = 16 if args.quick else 64
-    args.arch = args.arch or list(ARCHS)
+    args.arch = args.arch or list(DEFAULT_ARCHS)
     args.precision = args.precision or list(PRECISIONS)
     return args
 

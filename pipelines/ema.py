@@ -53,9 +53,12 @@ class EDMEma:
             raise ValueError(f"rampup_ratio: expected a positive ratio or None, got {rampup_ratio}")
         self.half_lives_kimg = [float(h) for h in half_lives]
         self.rampup_ratio = None if rampup_ratio is None else float(rampup_ratio)
+        self._init_shadows(model, len(half_lives))
+
+    def _init_shadows(self, model: torch.nn.Module, count: int) -> None:
         self.names = [name for name, _ in self._tracked(model)]
         self.shadows: list[list[torch.Tensor]] = [
-            [t.detach().to(torch.float32, copy=True) for _, t in self._tracked(model)] for _ in half_lives
+            [t.detach().to(torch.float32, copy=True) for _, t in self._tracked(model)] for _ in range(count)
         ]
 
     @staticmethod
@@ -104,22 +107,27 @@ class EDMEma:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"ema{i}/{name}": t for i, shadow in enumerate(self.shadows) for name, t in zip(self.names, shadow)}
 
+    def settings(self) -> dict[str, object]:
+        """What defines the averages besides the tensors (saved as metadata)."""
+        return {"half_lives_kimg": self.half_lives_kimg, "rampup_ratio": self.rampup_ratio}
+
+    def check_saved_settings(self, saved: dict[str, str], path: str) -> None:
+        half_lives = json.loads(saved.get("half_lives_kimg", "null"))
+        if half_lives != self.half_lives_kimg:
+            raise ValueError(
+                f"{path}: EMA half-lives {half_lives} kimg in the checkpoint, but this run asks for "
+                f"{self.half_lives_kimg}; pass the same --ema_halflife_kimg to resume"
+            )
+
     def save(self, path: str) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = {"half_lives_kimg": json.dumps(self.half_lives_kimg), "rampup_ratio": json.dumps(self.rampup_ratio)}
-        save_file(tensors, path, metadata=meta)
+        save_file(tensors, path, metadata={k: json.dumps(v) for k, v in self.settings().items()})
 
     def load(self, path: str) -> None:
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        saved = json.loads(meta.get("half_lives_kimg", "null"))
-        if saved != self.half_lives_kimg:
-            raise ValueError(
-                f"{path}: EMA half-lives {saved} kimg in the checkpoint, but this run asks for "
-                f"{self.half_lives_kimg}; pass the same --ema_halflife_kimg to resume"
-            )
+            self.check_saved_settings(f.metadata() or {}, path)
         tensors = load_file(path)
         expected = set(self.state_dict())
         if set(tensors) != expected:

@@ -6,6 +6,10 @@ One loss per preconditioning, each the per-pixel weighted squared error of the d
 * edm: ln(sigma) ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2 (= 1 / c_out^2).
 * vp:  t ~ U(epsilon_t, 1), sigma = sigma_VP(t), weight 1 / sigma^2.
 * ve:  sigma log-uniform in [ve_sigma_min, ve_sigma_max], weight 1 / sigma^2.
+
+``uncertainty=True`` is EDM2's loss (Karras et al. 2024, Eq. 21): the network's uncertainty head u(sigma)
+turns each per-pixel term into ``weight(sigma) / exp(u) * (D - y)^2 + u``, which balances the noise levels'
+contributions as training goes (its minimum over u is at u = ln E[weight * (D - y)^2]).
 """
 
 import math
@@ -31,6 +35,7 @@ class DenoisingLoss:
         P_std: float = 1.2,
         ve_sigma_min: float = 0.02,
         ve_sigma_max: float = 100.0,
+        uncertainty: bool = False,
     ):
         if isinstance(preconditioning, str):
             preconditioning = EDMPreconditioning(kind=preconditioning)
@@ -47,6 +52,7 @@ class DenoisingLoss:
         self.P_std = float(P_std)
         self.ve_sigma_min = float(ve_sigma_min)
         self.ve_sigma_max = float(ve_sigma_max)
+        self.uncertainty = bool(uncertainty)
 
     @property
     def kind(self) -> str:
@@ -103,9 +109,12 @@ class DenoisingLoss:
         view = (-1,) + (1,) * (images.ndim - 1)
         noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=torch.float32)
         noisy = images + noise * sigma.reshape(view)
-        denoised = self.preconditioning.denoise(network, noisy, sigma, class_labels)
-        loss = self.weight(sigma).reshape(view) * (denoised - images) ** 2
-        return loss, sigma
+        weight = self.weight(sigma).reshape(view)
+        if not self.uncertainty:
+            denoised = self.preconditioning.denoise(network, noisy, sigma, class_labels)
+            return weight * (denoised - images) ** 2, sigma
+        denoised, logvar = self.preconditioning.denoise_with_logvar(network, noisy, sigma, class_labels)
+        return weight / logvar.exp() * (denoised - images) ** 2 + logvar, sigma
 
 
 def _check_generators(generators: Sequence[torch.Generator], batch_size: int) -> None:

@@ -1,8 +1,8 @@
-"""The paper's three networks by name: presets, a builder, and tiny test-size configs.
+"""The paper's three networks and EDM2's img64 UNets by name: presets, a builder, and tiny test-size configs.
 
-``build_network("adm" | "ddpmpp" | "ncsnpp", resolution=64, channels=1, dropout=0.05, **overrides)``
-gives the raw network F at the authors' default configuration (as in NVlabs EDM); every config field of
-the model class can be overridden.
+``build_network("adm" | "ddpmpp" | "ncsnpp" | "edm2-xs" ... "edm2-xl", resolution=64, channels=1,
+dropout=0.05, **overrides)`` gives the raw network F at the authors' default configuration (as in NVlabs
+EDM and NVlabs edm2); every config field of the model class can be overridden.
 """
 
 import inspect
@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 from diffusers import ModelMixin
 
 from pipelines.components.unet_adm import ADMUNet2DModel
+from pipelines.components.unet_edm2 import EDM2UNet2DModel
 from pipelines.components.unet_song import SongUNet2DModel
 
 
@@ -42,6 +43,18 @@ ARCHITECTURES: dict[str, ArchitecturePreset] = {
         56_384_001,
     ),
 }
+
+# EDM2's img64 presets (NVlabs edm2 train_edm2.py: edm2-img64-xs ... -xl differ only in model_channels);
+# counts from edm2's own Precond at 64x64, one channel, unconditional (UNet + logvar head).
+EDM2_PRESETS = {"xs": (128, 124_194_341), "s": (192, 279_434_469), "m": (256, 496_769_957),
+                "l": (320, 776_200_805), "xl": (384, 1_117_727_013)}
+for _size, (_channels, _count) in EDM2_PRESETS.items():
+    ARCHITECTURES[f"edm2-{_size}"] = ArchitecturePreset(
+        EDM2UNet2DModel,
+        dict(model_channels=_channels, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(16, 8),
+             channels_per_head=64, logvar_channels=128),
+        _count,
+    )
 
 # Named by build_network's own arguments instead, so each size is set in one place.
 _RESERVED = {"sample_size": "resolution", "in_channels": "channels"}
@@ -76,7 +89,7 @@ def network_config(arch: str, resolution: int = 64, channels: int = 1, dropout: 
 
 def build_network(arch: str, resolution: int = 64, channels: int = 1, dropout: float = 0.05, label_dim: int = 0,
                   **overrides) -> ModelMixin:
-    """Build the raw network F for ``arch`` ("adm", "ddpmpp" or "ncsnpp"); overrides are config fields."""
+    """Build the raw network F for ``arch`` (a key of ``ARCHITECTURES``); overrides are config fields."""
     config = network_config(arch, resolution, channels, dropout, label_dim, **overrides)
     return ARCHITECTURES[arch].model_class(**config)
 
@@ -95,4 +108,11 @@ def tiny_config(arch: str, resolution: int = 16) -> dict[str, Any]:
                                   attn_resolutions=(resolution // 2,))
     if arch == "adm":
         config.update(attn_resolutions=(resolution, resolution // 2), channels_per_head=4)
+    if is_edm2(arch):
+        config.update(channels_per_head=4, logvar_channels=8)
     return config
+
+
+def is_edm2(arch: str) -> bool:
+    """Whether ``arch`` is one of EDM2's UNets (the ones with an uncertainty head, trained by --recipe edm2)."""
+    return arch in ARCHITECTURES and ARCHITECTURES[arch].model_class is EDM2UNet2DModel

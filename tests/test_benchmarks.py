@@ -31,7 +31,8 @@ def _numbers(value):
 def quick_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "quick.json"
     # in-process cells: a subprocess per cell costs seconds of imports each
-    results = benchmark.main(["--quick", "--no_isolate", "--arch", "ddpmpp", "--arch", "adm", "--json", str(path)])
+    results = benchmark.main(["--quick", "--no_isolate", "--arch", "ddpmpp", "--arch", "adm", "--arch", "edm2-xs",
+                              "--json", str(path)])
     return results, json.loads(path.read_text())
 
 
@@ -41,7 +42,7 @@ def test_quick_suite_has_every_row_with_finite_numbers(quick_run):
         assert row in saved, f"row {row} missing from the JSON"
         assert "error" not in saved[row], saved[row]
     cells = {(c["arch"], c["precision"]) for c in saved["networks"]}
-    assert cells == {(a, p) for a in ("ddpmpp", "adm") for p in ("fp32", "bf16")}
+    assert cells == {(a, p) for a in ("ddpmpp", "adm", "edm2-xs") for p in ("fp32", "bf16")}
     for cell in saved["networks"]:
         assert "error" not in cell, cell
         for key in ("train_img_s", "train_gflop_s", "sample_img_nfe_s", "sample_gflop_s", "peak_rss_gib"):

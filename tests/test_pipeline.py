@@ -183,12 +183,12 @@ def test_bad_calls_are_named(pipe):
     assert out.shape == (2, 1, 16, 16)
 
 
-@pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp", "adm"])
+@pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp", "adm", "edm2-xs"])
 def test_save_and_load_through_diffusers_loader_is_bitwise_equal(arch, tmp_path):
     pipeline = make_pipeline(arch, preconditioning="vp", **CHURN)
     expected = latents(pipeline, [0, 1])
     pipeline.save_pretrained(tmp_path)
-    module = {"adm": "unet_adm"}.get(arch, "unet_song")
+    module = {"adm": "unet_adm", "edm2-xs": "unet_edm2"}.get(arch, "unet_song")
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_echodiff", "EchoDiffPipeline"]
     assert index["unet"] == [module, type(pipeline.unet).__name__]
@@ -289,7 +289,7 @@ def test_components_folder_rule(tmp_path):
     folder = REPO / "pipelines" / "components"
     files = sorted(p for p in folder.glob("*.py") if p.name != "__init__.py")
     assert {p.stem for p in files} >= {"pipeline_echodiff", "guidance", "preconditioning", "layers", "unet_song",
-                                       "unet_adm", "discriminator", "scheduling_edm_heun", "scheduling_edm_ablation"}
+                                       "unet_adm", "unet_edm2", "discriminator", "scheduling_edm_heun", "scheduling_edm_ablation"}
     for path in files:
         assert foreign_imports(path) == [], path.name
         direct = set(relative_imports(path))

@@ -138,8 +138,14 @@ def test_bad_sweep_configs_name_the_problem(tmp_path, frames16):
 def test_shipped_configs_parse():
     for path in ("configs/sweep_table1.yaml", "configs/sweep_demo.yaml"):
         config = sweep.load_sweep_config(path)
-        assert [r.name for r in config.runs] == ["adm-edm", "ddpmpp-edm", "ncsnpp-edm", "adm-vp", "adm-ve",
-                                                 "ddpmpp-vp", "ncsnpp-ve"]
+        assert [r.name for r in config.runs][:7] == ["adm-edm", "ddpmpp-edm", "ncsnpp-edm", "adm-vp", "adm-ve",
+                                                     "ddpmpp-vp", "ncsnpp-ve"]
     paper = sweep.load_sweep_config("configs/sweep_table1.yaml")
     assert [paper.train_config(r).duration_nimg for r in paper.runs][:3] == [30_106_000, 60_211_000, 60_211_000]
-    assert all(paper.train_config(r).batch_size == 512 for r in paper.runs)
+    assert all(paper.train_config(r).batch_size == 512 for r in paper.runs[:7])
+    edm2 = {r.name: paper.train_config(r) for r in paper.runs[7:]}
+    assert sorted(edm2) == ["edm2-s", "edm2-xs"]
+    for cfg in edm2.values():  # the recipe fills what the shared train: section does not set
+        assert (cfg.recipe, cfg.batch_size, cfg.adam_beta2, cfg.p_mean, cfg.p_std, cfg.phema) == \
+            ("edm2", 2048, 0.99, -0.8, 1.6, True)
+    assert (edm2["edm2-s"].lr, edm2["edm2-xs"].lr) == (0.010, 0.012)

@@ -605,7 +605,8 @@ def cli(dataset, out, *extra):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--arch", "unet9000"], r"--arch: expected one of \['adm', 'ddpmpp', 'ncsnpp'\], got 'unet9000'"),
+    (["--arch", "unet9000"], r"--arch: expected one of \['adm', 'ddpmpp', 'ncsnpp', 'edm2-xs', .*\], got 'unet9000'"),
+    (["--recipe", "edm2"], r"--recipe edm2: expected --arch one of \['edm2-l', "),
     (["--precond", "ddpm"], r"--precond: expected one of"),
     (["--batch_per_gpu", "3"], r"--batch_per_gpu 3 must divide the per-process batch 8"),
     (["--resolution", "32"], r"--resolution 32 does not match the dataset's 16x16 images"),

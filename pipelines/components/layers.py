@@ -252,8 +252,11 @@ def drop_labels(labels: torch.Tensor, probability: float, training: bool) -> tor
 class EDMUNetMixin:
     """What both EDM UNets do around their blocks: input checks, the compute dtype, the embedding, checkpointing.
 
-    The model class provides ``config`` (in_channels, label_dim), ``dtype`` and ``_embedding(t, labels, dtype)``.
+    The model class provides ``config`` (in_channels, label_dim), ``dtype`` and ``_embedding(t, labels, dtype)``;
+    ``dtype_probe`` names the layer whose weight (or layerwise-casting hook) gives the compute dtype.
     """
+
+    dtype_probe = "map_layer0"
 
     def prepare_inputs(self, sample: torch.Tensor, timestep, class_labels) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample in the compute dtype, embedding of c_noise and the labels)."""
@@ -270,9 +273,10 @@ class EDMUNetMixin:
     def compute_dtype(self) -> torch.dtype:
         """The weights' dtype, or the compute dtype of diffusers' layerwise casting (which ``ModelMixin.dtype``
         finds by visiting every module: 0.15 ms a call on a tiny UNet; this reads one layer's hook)."""
-        registry = getattr(self.map_layer0, "_diffusers_hook", None)
+        probe = getattr(self, self.dtype_probe)
+        registry = getattr(probe, "_diffusers_hook", None)
         hook = registry.get_hook("layerwise_casting") if registry is not None else None
-        return hook.compute_dtype if hook is not None else self.map_layer0.weight.dtype
+        return hook.compute_dtype if hook is not None else probe.weight.dtype
 
     def _block(self, block, x, emb):
         if torch.is_grad_enabled() and self.gradient_checkpointing:

@@ -181,6 +181,28 @@ class EDMPreconditioning:
         The network gets ``(c_in x)`` in its own dtype and ``c_noise`` of shape (B,); ``class_labels`` is
         passed only when given, so plain callables ``F(x, c_noise)`` work too.
         """
+        return self._run(network, x, sigma, class_labels)[0]
+
+    def denoise_with_logvar(self, network, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D(x; sigma), u(sigma)) for a network with an uncertainty head (EDM2): it is called with
+        ``return_logvar=True`` and its output carries ``.logvar`` (B, 1, 1, 1)."""
+        message = (f"{type(network).__name__} has no uncertainty head (the uncertainty-weighted loss needs a network "
+                   f"whose forward takes return_logvar=True: an EDM2 UNet)")
+        try:
+            denoised, output = self._run(network, x, sigma, class_labels, return_logvar=True)
+        except TypeError as err:
+            if "return_logvar" in str(err):
+                raise TypeError(message) from err
+            raise
+        logvar = getattr(output, "logvar", None)
+        if logvar is None and isinstance(output, (tuple, list)) and len(output) > 1:
+            logvar = output[1]
+        if logvar is None:
+            raise TypeError(message)
+        return denoised, logvar.to(torch.float32).reshape(x.shape[0], *(1,) * (x.ndim - 1))
+
+    def _run(self, network, x: torch.Tensor, sigma, class_labels, **network_kwargs):
         x = x.to(torch.float32)
         batch = x.shape[0]
         # float64 coefficients (cast to float32 below); MPS has no float64.
@@ -195,6 +217,6 @@ class EDMPreconditioning:
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         view = (batch,) + (1,) * (x.ndim - 1)
         c_skip, c_out, c_in = (c.to(torch.float32).reshape(view) for c in (c_skip, c_out, c_in))
-        kwargs = {} if class_labels is None else {"class_labels": class_labels}
+        kwargs = dict(network_kwargs) if class_labels is None else dict(network_kwargs, class_labels=class_labels)
         output = network((c_in * x).to(network_dtype(network)), c_noise.to(torch.float32), **kwargs)
-        return c_skip * x + c_out * output_tensor(output).to(torch.float32)
+        return c_skip * x + c_out * output_tensor(output).to(torch.float32), output

@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.training.config import MODEL, RUN, ConfigError, TrainConfig, fields_with_resume_role
+from pipelines.training.config import (
+    MODEL,
+    RUN,
+    ConfigError,
+    TrainConfig,
+    default_value,
+    fields_with_resume_role,
+)
 from pipelines.utils import fsync_dir, fsync_tree, jsonable
 
 logger = logging.getLogger(__name__)
@@ -30,6 +37,7 @@ logger = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 TRAINING_STATE_FILE = "training_state.json"
 EMA_FILE = "ema.safetensors"
+PHEMA_FILE = "phema.safetensors"
 
 
 def is_complete_checkpoint(path: Path, state_file: str) -> bool:
@@ -166,9 +174,9 @@ def training_checkpoints(output_dir: str | os.PathLike) -> CheckpointStore:
 
 
 def save_training_checkpoint(accelerator, store: CheckpointStore, ema, state: dict[str, Any],
-                             total_limit: int | None) -> Path:
-    """Atomic ``save_state`` + ``ema.safetensors`` at ``state["images_seen"]``; every process calls it (each
-    writes its RNG state). Returns the final folder."""
+                             total_limit: int | None, phema=None) -> Path:
+    """Atomic ``save_state`` + ``ema.safetensors`` (+ ``phema.safetensors``, the post-hoc EMA profiles) at
+    ``state["images_seen"]``; every process calls it (each writes its RNG state). Returns the final folder."""
     number = state["images_seen"]
     if accelerator.is_main_process:
         store.begin(number)
@@ -176,6 +184,8 @@ def save_training_checkpoint(accelerator, store: CheckpointStore, ema, state: di
     accelerator.save_state(str(store.temp_path(number)))
     if accelerator.is_main_process:
         ema.save(str(store.temp_path(number) / EMA_FILE))
+        if phema is not None:
+            phema.save(str(store.temp_path(number) / PHEMA_FILE))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         store.commit(number, state, total_limit)
@@ -183,7 +193,7 @@ def save_training_checkpoint(accelerator, store: CheckpointStore, ema, state: di
     return store.path(number)
 
 
-def load_training_checkpoint(accelerator, path: Path, ema) -> dict[str, Any]:
+def load_training_checkpoint(accelerator, path: Path, ema, phema=None) -> dict[str, Any]:
     """Restores model, optimizer, grad scaler and RNG states (accelerate), the EMA, and returns the progress
     (``path``: a complete checkpoint, as ``train`` checks before it builds anything)."""
     state = json.loads((path / TRAINING_STATE_FILE).read_text())
@@ -192,6 +202,10 @@ def load_training_checkpoint(accelerator, path: Path, ema) -> dict[str, Any]:
                        path, accelerator.process_index)
     accelerator.load_state(str(path))
     ema.load(str(path / EMA_FILE))
+    if phema is not None:
+        if not (path / PHEMA_FILE).is_file():
+            raise ConfigError(f"--resume_from_checkpoint {path}: no {PHEMA_FILE} (a run without --phema)")
+        phema.load(str(path / PHEMA_FILE))
     return state
 
 
@@ -199,6 +213,8 @@ def check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, path: Path)
     """Refuses a checkpoint of another model; warns when run settings changed (the run is then not the
     uninterrupted one)."""
     current = jsonable(cfg.to_dict())  # tuples -> lists, as saved
+    # A setting newer than the checkpoint (e.g. recipe, phema) had its declared default then.
+    saved = {**jsonable({k: default_value(k) for k in current if k not in saved}), **saved}
     for key in fields_with_resume_role(MODEL):
         if saved.get(key) != current.get(key) and not (key in ("resolution", "channels") and current.get(key) is None):
             raise ConfigError(

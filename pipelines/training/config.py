@@ -4,7 +4,7 @@
 their role on resume (``dataclasses.field(metadata=...)``). From them come the ``train_unconditional.py``
 parser (:func:`build_parser`), its inverse (:func:`config_to_cli_args`, used by the sweep to launch
 training in a subprocess), the mapping check of the sweep (:func:`config_from_dict`) and
-:func:`validate_config`. Flag ``--name`` sets field ``name``; a boolean that defaults to True is turned
+:func:`validate_config`. Flag ``--name`` sets field ``name``; a boolean that defaults to True (or that a recipe turns on) is turned
 off with ``--no_name``; an optional value takes ``none``.
 """
 
@@ -23,6 +23,16 @@ from pipelines.components.preconditioning import PRECONDITIONINGS
 
 # Table 1 of the paper: images seen per architecture, in thousands.
 PAPER_DURATION_KIMG = {"adm": 30106.0, "ddpmpp": 60211.0, "ncsnpp": 60211.0}
+RECIPES = ("edm", "edm2")
+# NVlabs edm2 train_edm2.py, presets edm2-img64-*: (ref lr, dropout, duration in images).
+EDM2_IMG64 = {"edm2-xs": (0.0120, 0.00, 1024 << 20), "edm2-s": (0.0100, 0.00, 1024 << 20),
+              "edm2-m": (0.0090, 0.10, 2048 << 20), "edm2-l": (0.0080, 0.10, 1024 << 20),
+              "edm2-xl": (0.0070, 0.10, 640 << 20)}
+# What --recipe edm2 sets besides the preset's lr, dropout and duration (train_edm2.py and its training
+# loop: batch 2048, lr / sqrt(max(t / 35000 batches, 1)), 10 Mimg ramp-up, Adam betas (0.9, 0.99),
+# ln(sigma) ~ N(-0.8, 1.6^2), post-hoc EMA instead of a ramped one).
+EDM2_RECIPE = dict(batch_size=2048, lr_ref_batches=35000.0, lr_rampup_kimg=10000.0, adam_beta1=0.9,
+                   adam_beta2=0.99, p_mean=-0.8, p_std=1.6, ema_rampup_ratio=None, phema=True)
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 
@@ -68,6 +78,10 @@ class TrainConfig:
     arch: str = _option("adm", help="network", group=DATA, choices=architecture_names, resume=MODEL)
     precond: str = _option("edm", help="preconditioning and loss", group=DATA, choices=PRECONDITIONINGS,
                            resume=MODEL)
+    recipe: str = _option(
+        "edm", help="training recipe: 'edm2' (with an edm2-* arch) fills every setting not given explicitly "
+        "with NVlabs edm2's img64 preset (lr, dropout, duration, batch 2048, lr decay, Adam beta2 0.99, "
+        "P_mean/P_std, post-hoc EMA, no EMA ramp-up)", group=DATA, choices=RECIPES, resume=MODEL)
     split: str = _option("train", help="dataset split to train on", group=DATA)
     resolution: int | None = _option(None, help="checked against the dataset", group=DATA, resume=MODEL,
                                      default_text="the dataset's")
@@ -80,7 +94,8 @@ class TrainConfig:
         resume=MODEL)
     duration_kimg: float | None = _option(
         None, help="training length in thousands of images", group=OPTIM,
-        default_text="Table 1: " + ", ".join(f"{a} {k:g}" for a, k in PAPER_DURATION_KIMG.items()), above=0)
+        default_text="Table 1: " + ", ".join(f"{a} {k:g}" for a, k in PAPER_DURATION_KIMG.items())
+        + "; edm2-*: EDM2's img64 preset", above=0)
     batch_size: int = _option(512, help="global batch over all processes", group=OPTIM, resume=RUN, above=0)
     batch_per_gpu: int | None = _option(
         None, help="images per process per forward pass; gradient accumulation makes up the rest", group=OPTIM,
@@ -88,6 +103,11 @@ class TrainConfig:
     lr: float = _option(1e-3, help="Adam learning rate after the warm-up", group=OPTIM, resume=RUN, above=0)
     lr_rampup_kimg: float = _option(10000.0, help="linear learning-rate warm-up, in kimg", group=OPTIM,
                                     resume=RUN, at_least=0)
+    lr_ref_batches: float = _option(
+        0.0, help="EDM2's inverse-square-root decay: lr / sqrt(max(steps / N, 1)) (0: no decay)", group=OPTIM,
+        resume=RUN, at_least=0)
+    p_mean: float = _option(-1.2, help="EDM loss: mean of ln(sigma)", group=OPTIM, resume=RUN)
+    p_std: float = _option(1.2, help="EDM loss: std of ln(sigma)", group=OPTIM, resume=RUN, above=0)
     adam_beta1: float = _option(0.9, help="Adam beta1", group=OPTIM)
     adam_beta2: float = _option(0.999, help="Adam beta2", group=OPTIM)
     adam_epsilon: float = _option(1e-8, help="Adam epsilon", group=OPTIM)
@@ -96,6 +116,14 @@ class TrainConfig:
         resume=MODEL, above=0)
     ema_rampup_ratio: float | None = _option(
         0.05, help="cap the half-life at this fraction of images seen ('none' to disable)", group=OPTIM, above=0)
+    phema: bool = _option(False, help="track post-hoc EMA profiles and store snapshots under <output_dir>/phema",
+                          group=OPTIM, resume=MODEL)
+    phema_std: tuple[float, ...] = _option((0.050, 0.100), help="relative stds of the tracked power-function EMAs",
+                                           group=OPTIM, resume=MODEL, above=0, below=0.2886)
+    phema_snapshot_kimg: float = _option(1000.0, help="post-hoc EMA snapshot every N kimg (and at the end)",
+                                         group=OPTIM, resume=RUN, above=0)
+    phema_bf16: bool = _option(False, help="store the post-hoc EMA snapshots in bfloat16 (half the disk)",
+                               group=OPTIM, resume=RUN)
     seed: int = _option(0, help="seed of the initial weights, the data order and the noise", group=OPTIM,
                         resume=RUN)
     mixed_precision: str = _option(
@@ -133,12 +161,14 @@ class TrainConfig:
 
     @property
     def duration_nimg(self) -> int:
-        kimg = self.duration_kimg if self.duration_kimg is not None else PAPER_DURATION_KIMG[self.arch]
-        return int(round(kimg * 1000))
+        if self.duration_kimg is not None:
+            return int(round(self.duration_kimg * 1000))
+        return EDM2_IMG64[self.arch][2] if self.arch in EDM2_IMG64 else int(round(PAPER_DURATION_KIMG[self.arch] * 1000))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["ema_halflife_kimg"] = [float(h) for h in self.ema_halflife_kimg]
+        out["phema_std"] = [float(s) for s in self.phema_std]
         out["duration_kimg"] = self.duration_nimg / 1000
         return out
 
@@ -151,6 +181,29 @@ REQUIRED = tuple(name for name, f in FIELDS.items()
 def fields_with_resume_role(role: str) -> tuple[str, ...]:
     """Names of the fields that play ``role`` (MODEL, RUN or DISPLAY) when a run is resumed."""
     return tuple(name for name, f in FIELDS.items() if f.metadata["resume"] == role)
+
+
+def recipe_settings(recipe: str, arch: str) -> dict[str, Any]:
+    """The settings ``recipe`` gives ``arch`` (the fields it fills when they are not given)."""
+    if recipe != "edm2":
+        return {}
+    if arch not in EDM2_IMG64:
+        raise ConfigError(f"--recipe edm2: expected --arch one of {sorted(EDM2_IMG64)} (EDM2's img64 UNets), "
+                          f"got {arch!r}")
+    lr, dropout, duration_nimg = EDM2_IMG64[arch]
+    return dict(EDM2_RECIPE, lr=lr, dropout=dropout, duration_kimg=duration_nimg / 1000)
+
+
+def effective_defaults(recipe: str, arch: str) -> dict[str, Any]:
+    """Each field's value when not given: its declared default, or the recipe's."""
+    defaults = {name: _default_of(f) for name, f in FIELDS.items() if name not in REQUIRED}
+    return dict(defaults, **recipe_settings(recipe, arch))
+
+
+def default_value(name: str) -> Any:
+    """The declared default of field ``name`` (None for a required field or a name that is not a field)."""
+    field = FIELDS.get(name)
+    return None if field is None or name in REQUIRED else _default_of(field)
 
 
 def choices_of(name: str) -> tuple[str, ...] | None:
@@ -214,8 +267,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         group = groups[f.metadata["group"]]
         base, optional = _value_type(name)
         flag, help_text = f"--{name}", _help_text(f)
-        if base is bool and f.default:
-            group.add_argument(flag, f"--no_{name}", dest=name, action=_SnakeBooleanAction, default=True,
+        if base is bool and (f.default or name in EDM2_RECIPE):  # a recipe may turn it on: --no_ turns it off
+            group.add_argument(flag, f"--no_{name}", dest=name, action=_SnakeBooleanAction, default=f.default,
                                help=help_text)
         elif base is bool:
             group.add_argument(flag, action="store_true", help=help_text)
@@ -241,15 +294,21 @@ class _SnakeBooleanAction(argparse.Action):
 
 def config_from_cli_args(argv: Sequence[str] | None = None, description: str | None = None) -> TrainConfig:
     """Parse ``train_unconditional.py`` flags into a TrainConfig (argparse exits on a malformed flag)."""
-    return config_from_dict(vars(build_parser(description).parse_args(argv)), "command line")
+    parser = build_parser(description)
+    # Only the flags given reach config_from_dict, so that a --recipe fills the others.
+    for action in parser._actions:  # argparse's public set_defaults would store SUPPRESS as a value
+        if action.dest in FIELDS and action.dest not in REQUIRED:
+            action.default = argparse.SUPPRESS
+    return config_from_dict(vars(parser.parse_args(argv)), "command line")
 
 
 def config_to_cli_args(cfg: TrainConfig) -> list[str]:
     """``train_unconditional.py`` flags that reproduce ``cfg`` (settings left at their default are omitted)."""
     args: list[str] = []
+    defaults = effective_defaults(cfg.recipe, cfg.arch)
     for name in FIELDS:
         value = getattr(cfg, name)
-        if name not in REQUIRED and value == _default_of(FIELDS[name]):
+        if name not in REQUIRED and value == defaults[name]:
             continue
         base, _ = _value_type(name)
         if base is bool:
@@ -281,6 +340,9 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConf
     missing = [name for name in REQUIRED if name not in values]
     if missing:
         raise ConfigError(f"{where}: missing required setting(s) {missing}")
+    recipe = values.get("recipe", _default_of(FIELDS["recipe"]))
+    for name, value in recipe_settings(recipe, values.get("arch", _default_of(FIELDS["arch"]))).items():
+        values.setdefault(name, value)
     return TrainConfig(**values)
 
 
@@ -298,6 +360,13 @@ def validate_config(cfg: TrainConfig) -> None:
         _check_bounds(name, getattr(cfg, name), *f.metadata["bounds"])
     if not cfg.ema_halflife_kimg:
         raise ConfigError("--ema_halflife_kimg: expected one or more positive values, got none")
+    if cfg.phema and not cfg.phema_std:
+        raise ConfigError("--phema_std: expected one or more relative stds, got none")
+    if cfg.recipe == "edm2":
+        recipe_settings(cfg.recipe, cfg.arch)  # checks the arch
+        if cfg.precond != "edm":
+            raise ConfigError(f"--recipe edm2: EDM2 keeps EDM's preconditioning; expected --precond edm, got "
+                              f"{cfg.precond!r}")
     if not cfg.duration_nimg > 0:
         raise ConfigError(f"--duration_kimg: expected at least one image, got {cfg.duration_kimg}")
     if cfg.report_to in ("wandb", "all"):

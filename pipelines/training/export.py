@@ -18,10 +18,10 @@ from pipelines.utils import atomic_write_json, image_grid, save_image_grid, to_u
 
 RUN_INFO_FILE = "run_info.json"
 # The settings the card's table shows, in this order (the full run info follows it as JSON).
-CARD_FIELDS = ("arch", "precond", "resolution", "channels", "num_parameters", "dropout", "dataset", "split",
+CARD_FIELDS = ("arch", "precond", "recipe", "resolution", "channels", "num_parameters", "dropout", "dataset", "split",
                "dataset_size", "batch_size", "world_size", "batch_per_round", "accumulation_rounds", "duration_kimg",
-               "images_seen", "steps", "lr", "lr_rampup_kimg", "adam_beta1", "adam_beta2", "adam_epsilon",
-               "ema_halflife_kimg", "ema_rampup_ratio", "mixed_precision", "seed", "nonfinite_grad_steps")
+               "images_seen", "steps", "lr", "lr_rampup_kimg", "lr_ref_batches", "p_mean", "p_std", "adam_beta1", "adam_beta2", "adam_epsilon",
+               "ema_halflife_kimg", "ema_rampup_ratio", "phema", "phema_std", "mixed_precision", "seed", "nonfinite_grad_steps")
 
 
 def new_sampling_net(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:

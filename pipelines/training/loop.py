@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from pipelines.ema import EDMEma
+from pipelines.phema import SNAPSHOT_DIR, PowerFunctionEMA, remove_partial_snapshots
 from pipelines.training.checkpoints import (
     CheckpointStore,
     check_resume_compatible,
@@ -72,7 +73,7 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
     parts = _build_training(cfg, accelerator, dataset.resolution, dataset.channels)
     progress = _Progress(nonfinite_now=torch.zeros((), dtype=torch.long, device=accelerator.device))
     if resume_path is not None:
-        progress.restore(load_training_checkpoint(accelerator, resume_path, parts.ema))
+        progress.restore(load_training_checkpoint(accelerator, resume_path, parts.ema, parts.phema))
         logger.info("resumed from %s at %.3f kimg (step %d)", resume_path, progress.images_seen / 1000, progress.step)
     batches = _batches(cfg, dataset, layout, accelerator, progress.step)
     run_info = _run_info(cfg, accelerator, layout, dataset, parts.net)
@@ -80,6 +81,8 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
                               config={k: v for k, v in run_info.items() if isinstance(v, int | float | str | bool)})
     meter = _Meter(cfg, accelerator, progress)
     last_checkpoint = resume_path
+    if parts.phema is not None:
+        _print_phema_disk_cost(cfg, accelerator, parts.phema)
 
     while progress.images_seen < cfg.duration_nimg:
         before = progress.images_seen
@@ -88,16 +91,22 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
         progress.nonfinite_now += train_step(accelerator, parts.model, parts.optimizer, parts.loss_fn, chunks, cfg,
                                              layout, meter.stats, before)
         parts.ema.update(parts.net, cfg.batch_size, before)
+        if parts.phema is not None:
+            parts.phema.update(parts.net, cfg.batch_size, before)
         progress.images_seen, progress.step = before + cfg.batch_size, progress.step + 1
         meter.advance(cfg.batch_size)
         done = progress.images_seen >= cfg.duration_nimg
 
         if progress.step % cfg.logging_steps == 0 or done:
             meter.log(learning_rate(cfg, before))
+        # Before the checkpoint: a run resumed from it would not write this snapshot again.
+        if parts.phema is not None and (crossed_interval(before, progress.images_seen, cfg.phema_snapshot_kimg) or done):
+            with meter.paused():
+                _phema_snapshot(cfg, accelerator, parts.phema, progress.images_seen)
         if crossed_interval(before, progress.images_seen, cfg.checkpointing_kimg) or done:
             with meter.paused():
                 last_checkpoint = save_training_checkpoint(accelerator, store, parts.ema, progress.state(cfg, accelerator),
-                                                           cfg.checkpoints_total_limit)
+                                                           cfg.checkpoints_total_limit, parts.phema)
         if (crossed_interval(before, progress.images_seen, cfg.snapshot_kimg) or done) and cfg.num_sample_images > 0:
             with meter.paused():
                 _snapshot(cfg, accelerator, parts, progress, save_pipeline=cfg.save_pipeline_at_snapshot and not done)
@@ -170,6 +179,7 @@ def _prepare_output_dir(accelerator, output_dir: Path, store: CheckpointStore) -
     if accelerator.is_main_process:
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)
         store.remove_partial()
+        remove_partial_snapshots(output_dir / SNAPSHOT_DIR)
     accelerator.wait_for_everyone()
 
 
@@ -181,6 +191,7 @@ class _Parts:
     loss_fn: Any
     scheduler: Any
     ema: EDMEma
+    phema: PowerFunctionEMA | None  # post-hoc EMA profiles (--phema)
 
 
 def _build_training(cfg: TrainConfig, accelerator, resolution: int, channels: int) -> _Parts:
@@ -197,11 +208,14 @@ def _build_training(cfg: TrainConfig, accelerator, resolution: int, channels: in
         net = net.to(memory_format=torch.channels_last)
     net.train().requires_grad_(True)
     ema = EDMEma(net, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+    phema = PowerFunctionEMA(net, cfg.phema_std) if cfg.phema else None
     # Dropout streams differ per process; resumed runs restore them from the checkpoint.
     torch.manual_seed(cfg.seed * accelerator.num_processes + accelerator.process_index)
     model, optimizer = accelerator.prepare(net, build_adam(net.parameters(), cfg))
     ema.to(accelerator.device)
-    return _Parts(net, model, optimizer, loss_fn, scheduler, ema)
+    if phema is not None:
+        phema.to(accelerator.device)
+    return _Parts(net, model, optimizer, loss_fn, scheduler, ema, phema)
 
 
 def _batches(cfg: TrainConfig, dataset, layout: BatchLayout, accelerator, start_step: int):
@@ -297,6 +311,25 @@ class _Meter:
 
 # --------------------------------------------------------------------------------------------------
 # snapshots and export
+
+
+def _phema_storage_dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.phema_bf16 else torch.float32
+
+
+def _print_phema_disk_cost(cfg: TrainConfig, accelerator, phema: PowerFunctionEMA) -> None:
+    every = max(int(round(cfg.phema_snapshot_kimg * 1000)), 1)
+    count = cfg.duration_nimg // every + (cfg.duration_nimg % every > 0)
+    size = phema.snapshot_bytes(_phema_storage_dtype(cfg))
+    accelerator.print(f"post-hoc EMA: {len(phema.stds)} profiles (std {', '.join(f'{s:g}' for s in phema.stds)}), "
+                      f"a snapshot every {cfg.phema_snapshot_kimg:g} kimg: {count} snapshots x {size / 2**20:.1f} MiB "
+                      f"= {count * size / 2**20:.1f} MiB under {Path(cfg.output_dir) / SNAPSHOT_DIR}")
+
+
+def _phema_snapshot(cfg: TrainConfig, accelerator, phema: PowerFunctionEMA, images_seen: int) -> None:
+    if accelerator.is_main_process:
+        phema.write_snapshots(Path(cfg.output_dir) / SNAPSHOT_DIR, images_seen, _phema_storage_dtype(cfg))
+    accelerator.wait_for_everyone()
 
 
 def _snapshot(cfg: TrainConfig, accelerator, parts: _Parts, progress: _Progress, save_pipeline: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -21,11 +22,13 @@ def build_components(cfg: TrainConfig, resolution: int, channels: int):
     from pipelines.components.preconditioning import EDMPreconditioning
     from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
     from pipelines.losses import DenoisingLoss
-    from pipelines.networks import build_network
+    from pipelines.networks import build_network, is_edm2
 
     net = build_network(cfg.arch, resolution=resolution, channels=channels, dropout=cfg.dropout,
                         **cfg.network_overrides)
-    loss_fn = DenoisingLoss(preconditioning=EDMPreconditioning(kind=cfg.precond))
+    # EDM2's UNets carry their uncertainty head, which only the uncertainty-weighted loss trains.
+    loss_fn = DenoisingLoss(preconditioning=EDMPreconditioning(kind=cfg.precond), P_mean=cfg.p_mean,
+                            P_std=cfg.p_std, uncertainty=is_edm2(cfg.arch))
     scheduler = EDMHeunScheduler(preconditioning=cfg.precond)
     return net, loss_fn, scheduler
 
@@ -43,12 +46,16 @@ def build_adam(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 
 
 def learning_rate(cfg: TrainConfig, images_seen: int) -> float:
-    """EDM's linear warm-up: lr * min(images seen / ramp-up images, 1)."""
+    """EDM's linear warm-up, lr * min(images seen / ramp-up images, 1), times EDM2's inverse-square-root
+    decay 1 / sqrt(max(images seen / (lr_ref_batches * batch_size), 1)) when lr_ref_batches > 0."""
     # A function of images seen rather than a prepared scheduler: accelerate's scheduler wrapper steps
     # once per process, and a closed form needs no state of its own to resume.
-    if cfg.lr_rampup_kimg <= 0:
-        return cfg.lr
-    return cfg.lr * min(images_seen / (cfg.lr_rampup_kimg * 1000), 1.0)
+    lr = cfg.lr
+    if cfg.lr_ref_batches > 0:
+        lr /= math.sqrt(max(images_seen / (cfg.lr_ref_batches * cfg.batch_size), 1.0))
+    if cfg.lr_rampup_kimg > 0:
+        lr *= min(images_seen / (cfg.lr_rampup_kimg * 1000), 1.0)
+    return lr
 
 
 def train_step(accelerator, model, optimizer, loss_fn, chunks: Sequence[tuple[torch.Tensor, Sequence[int]]],
