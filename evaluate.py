@@ -4,7 +4,7 @@ Subcommands (each writes a JSON of results into --output_dir):
   fid          FID (+ KID) of a pipeline (folder / Hub id) or an image set (.npz, shard or PNG folder)
                against the cached statistics of a fixed, seeded subsample of the real frames
   optimal-fid  FID between two seeded halves of the real frames (patient-level and frame-level)
-  fid-vs-nfe   FID over sampler step counts -> CSV + PNG with NFE = 2N - 1 on the x axis
+  fid-vs-nfe   FID + KID over sampler step counts, per sampler (--samplers) -> CSV, PNG, Markdown table
   variance     the paper's two variance experiments (mean +- std over --repeats)
   sweep        the Table 1 grid: train each configured run, score it, write the table
 
@@ -12,6 +12,7 @@ Examples:
   python evaluate.py fid --model runs/edm-ddpmpp --dataset data/frames64 --seeds 0-49999
   python evaluate.py optimal-fid --dataset data/frames64 --split all
   python evaluate.py fid-vs-nfe --model runs/edm-adm --dataset data/frames64 --steps 5,10,18,30,50
+  python evaluate.py fid-vs-nfe --model runs/edm-adm --dataset data/frames64 --samplers heun,dpmpp2m,unipc
   accelerate launch evaluate.py fid --model user/echodiff-adm --dataset user/echonet-frames
 """
 
@@ -23,6 +24,20 @@ import sys
 from pathlib import Path
 
 from pipelines.cli import int_list_arg, json_object_arg
+
+SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")  # pipelines.training.precision (not imported for --help)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampler", default=None, help="sampler name (heun, euler, dpmpp2m, dpmpp3m, dpmpp2m_sde, "
+                                                        "unipc; default: the pipeline's own scheduler)")
+    parser.add_argument("--precision", default="auto", choices=SAMPLING_PRECISIONS,
+                        help="network precision while sampling: auto (default) = bf16 autocast where the hardware "
+                             "has native bf16, else fp32; fp32 to turn it off")
+
+
+def _samples_name(steps: int, sampler: str | None) -> str:
+    return f"samples-steps{steps}" if sampler is None else f"samples-{sampler}-steps{steps}"
 
 
 def _add_reference_args(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +67,9 @@ def _add_generation_args(parser: argparse.ArgumentParser, seeds_default: str = "
     parser.add_argument("--samples_dir", default=None, help="shard folder (default <output_dir>/samples-steps<N>)")
     parser.add_argument("--sampler_kwargs", type=json_object_arg, default={},
                         help='extra pipeline arguments as JSON, e.g. \'{"s_churn": 40}\'')
+    parser.add_argument("--precision", default="auto", choices=SAMPLING_PRECISIONS,
+                        help="network precision while sampling: auto (default) = bf16 autocast where the hardware "
+                             "has native bf16, else fp32; fp32 to turn it off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--gen_batch_size", type=int, default=32, help="images per pipeline call (per process)")
     fid.add_argument("--samples_dir", default=None, help="shard folder (default <output_dir>/samples-steps<N>)")
     fid.add_argument("--sampler_kwargs", type=json_object_arg, default={}, help="extra pipeline arguments as JSON")
+    _add_sampling_args(fid)
     fid.add_argument("--no_kid", action="store_true", help="skip KID (needs the real subsample's features)")
     _add_reference_args(fid)
     _add_common_args(fid)
@@ -82,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     nfe.add_argument("--steps", type=int_list_arg, default=[5, 10, 18, 30, 50],
                      help="comma list of step counts N (default 5,10,18,30,50)")
     nfe.add_argument("--no_kid", action="store_true", help="skip KID")
+    nfe.add_argument("--samplers", default=None, type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+                     help="comma list of samplers, one line each (e.g. heun,euler,dpmpp2m,dpmpp3m,unipc; default: "
+                          "the pipeline's own scheduler)")
     _add_generation_args(nfe)
     _add_reference_args(nfe)
     _add_common_args(nfe)
@@ -93,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--model", required=True, help="pipeline folder or Hub id")
     var.add_argument("--gen_batch_size", type=int, default=32, help="images per pipeline call (per process)")
     var.add_argument("--sampler_kwargs", type=json_object_arg, default={}, help="extra pipeline arguments as JSON")
+    _add_sampling_args(var)
     _add_reference_args(var)
     _add_common_args(var)
 
@@ -150,23 +173,28 @@ def main(argv: list[str] | None = None) -> dict | None:
     from pipelines.hub import load_pipeline
 
     accelerator = Accelerator()
+    from pipelines.training.precision import resolve_sampling_precision
+
     pipeline = load_pipeline(args.model, device=str(accelerator.device))
-    sampler_kwargs = args.sampler_kwargs
+    sampler = getattr(args, "sampler", None)
+    sampler_kwargs = {**args.sampler_kwargs, "precision": resolve_sampling_precision(args.precision, accelerator.device),
+                      **({"sampler": sampler} if sampler else {})}
     run_info = {"model": str(args.model)}
     detector = InceptionDetector(device=device) if accelerator.is_main_process else None
     gen = {"gen_batch_size": args.gen_batch_size, "accelerator": accelerator, "run_info": run_info}
 
     if args.command == "fid":
-        samples = Path(args.samples_dir) if args.samples_dir else out / f"samples-steps{args.steps}"
+        samples = Path(args.samples_dir) if args.samples_dir else out / _samples_name(args.steps, sampler)
         result = ev.fid_of_samples(pipeline, samples, args.seeds or "0-49999", frames, num_inference_steps=args.steps,
                                    detector=detector, kid=not args.no_kid, **gen, **common, **sampler_kwargs)
         path = out / "fid.json"
     elif args.command == "fid-vs-nfe":
         steps = args.steps
-        rows = ev.fid_vs_nfe(pipeline, steps, frames, out, seeds=args.seeds, detector=detector,
-                             kid=not args.no_kid, **gen, **common, **sampler_kwargs)
+        rows = ev.fid_vs_nfe(pipeline, steps, frames, out, seeds=args.seeds, samplers=args.samplers,
+                             detector=detector, kid=not args.no_kid, **gen, **common, **sampler_kwargs)
         result = None if rows is None else {"rows": rows, "csv": str(out / "fid_vs_nfe.csv"),
-                                            "plot": str(out / "fid_vs_nfe.png")}
+                                            "plot": str(out / "fid_vs_nfe.png"), "table": str(out / "fid_vs_nfe.md"),
+                                            "precision": sampler_kwargs["precision"]}
         path = out / "fid_vs_nfe.json"
     else:
         result = ev.variance_study(pipeline, frames, out, repeats=args.repeats, num_gen=args.num_gen,
