@@ -105,18 +105,19 @@ class EchoDiffPipeline(DiffusionPipeline):
         """The NFE a call with these arguments makes (without running it): one denoiser evaluation per entry of
         the scheduler's ``timesteps`` (2N - 1 for Heun, N for the others); tested against counted calls.
         ``call_kwargs`` are any other call arguments; only the scheduler overrides among them matter."""
-        call_arguments = set(inspect.signature(type(self).__call__).parameters)
-        overrides = {k: v for k, v in call_kwargs.items() if k not in call_arguments}
-        scheduler = self.scheduler_for_call(sampler, overrides)
+        scheduler = self.scheduler_for_call(sampler, self._scheduler_overrides(call_kwargs))
         scheduler.set_timesteps(num_inference_steps)
         return len(scheduler.timesteps)
+
+    def _scheduler_overrides(self, call_kwargs: dict) -> dict:
+        """The per-call scheduler settings among a call's keyword arguments."""
+        call_arguments = set(inspect.signature(type(self).__call__).parameters)
+        return {k: v for k, v in call_kwargs.items() if k not in call_arguments}
 
     def sampler_description(self, num_inference_steps: int, sampler: str | None = None, **call_kwargs) -> dict:
         """What a call with these arguments samples with: sampler name, steps, exact NFE, precision (for model
         cards and metrics files)."""
-        call_arguments = set(inspect.signature(type(self).__call__).parameters)
-        overrides = {k: v for k, v in call_kwargs.items() if k not in call_arguments}
-        return {"sampler": sampler_name(self.scheduler_for_call(sampler, overrides)),
+        return {"sampler": sampler_name(self.scheduler_for_call(sampler, self._scheduler_overrides(call_kwargs))),
                 "num_inference_steps": int(num_inference_steps),
                 "nfe": self.count_nfe(num_inference_steps, sampler, **call_kwargs),
                 "precision": call_kwargs.get("precision", "fp32")}
