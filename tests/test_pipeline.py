@@ -261,6 +261,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     swapped.set_progress_bar_config(disable=True)
     assert type(swapped.scheduler).__name__ == "EDMDPMSolverMultistepScheduler"
     assert swapped.preconditioning.kind == "ve"
+    assert pipe(seeds=[0], num_inference_steps=2).sampler == "heun"  # named by class name in remote code too
     dpm = swapped(seeds=[0, 1], num_inference_steps=STEPS, output_type="latent").images
     unipc = swapped(seeds=[0, 1], num_inference_steps=STEPS, output_type="latent", sampler="unipc").images
     torch.save({"first": first, "second": second, "half_weights": half.unet.state_dict(), "dpm": dpm,
