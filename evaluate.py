@@ -4,7 +4,7 @@ Subcommands (each writes a JSON of results into --output_dir):
   fid          FID (+ KID) of a pipeline (folder / Hub id) or an image set (.npz, shard or PNG folder)
                against the cached statistics of a fixed, seeded subsample of the real frames
   optimal-fid  FID between two seeded halves of the real frames (patient-level and frame-level)
-  fid-vs-nfe   FID over sampler step counts -> CSV + PNG with NFE = 2N - 1 on the x axis
+  fid-vs-nfe   FID + KID over sampler step counts, per sampler (--samplers) -> CSV, PNG, Markdown table
   variance     the paper's two variance experiments (mean +- std over --repeats)
   guidance-sweep  FID / KID over guidance weights and sigma intervals (autoguidance, DG, both) on one protocol
   sweep        the Table 1 grid: train each configured run, score it, write the table
@@ -17,6 +17,7 @@ Examples:
   python evaluate.py guidance-sweep --model runs/main/pipeline --guide runs/guide/pipeline --dataset data/frames64 \
       --ag_weights 1.5,2,3 --intervals 0:inf,0.28:5.42 --seeds 0-9999
   python evaluate.py phema-sweep --run runs/edm2-s --dataset data/frames64 --ema_std 0.03,0.05,0.07,0.1,0.15
+  python evaluate.py fid-vs-nfe --model runs/edm-adm --dataset data/frames64 --samplers heun,dpmpp2m,unipc
   accelerate launch evaluate.py fid --model user/echodiff-adm --dataset user/echonet-frames
 """
 
@@ -28,6 +29,20 @@ import sys
 from pathlib import Path
 
 from pipelines.cli import float_list_arg, int_list_arg, interval_list_arg, json_object_arg
+
+SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")  # pipelines.training.precision (not imported for --help)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampler", default=None, help="sampler name (heun, euler, dpmpp2m, dpmpp3m, dpmpp2m_sde, "
+                                                        "unipc; default: the pipeline's own scheduler)")
+    parser.add_argument("--precision", default="auto", choices=SAMPLING_PRECISIONS,
+                        help="network precision while sampling: auto (default) = bf16 autocast where the hardware "
+                             "has native bf16, else fp32; fp32 to turn it off")
+
+
+def _samples_name(steps: int, sampler: str | None) -> str:
+    return f"samples-steps{steps}" if sampler is None else f"samples-{sampler}-steps{steps}"
 
 
 def _add_reference_args(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +72,9 @@ def _add_generation_args(parser: argparse.ArgumentParser, seeds_default: str = "
     parser.add_argument("--samples_dir", default=None, help="shard folder (default <output_dir>/samples-steps<N>)")
     parser.add_argument("--sampler_kwargs", type=json_object_arg, default={},
                         help='extra pipeline arguments as JSON, e.g. \'{"s_churn": 40}\'')
+    parser.add_argument("--precision", default="auto", choices=SAMPLING_PRECISIONS,
+                        help="network precision while sampling: auto (default) = bf16 autocast where the hardware "
+                             "has native bf16, else fp32; fp32 to turn it off")
     _add_guide_arg(parser)
 
 
@@ -79,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--gen_batch_size", type=int, default=32, help="images per pipeline call (per process)")
     fid.add_argument("--samples_dir", default=None, help="shard folder (default <output_dir>/samples-steps<N>)")
     fid.add_argument("--sampler_kwargs", type=json_object_arg, default={}, help="extra pipeline arguments as JSON")
+    _add_sampling_args(fid)
     fid.add_argument("--no_kid", action="store_true", help="skip KID (needs the real subsample's features)")
     _add_guide_arg(fid)
     _add_reference_args(fid)
@@ -95,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     nfe.add_argument("--steps", type=int_list_arg, default=[5, 10, 18, 30, 50],
                      help="comma list of step counts N (default 5,10,18,30,50)")
     nfe.add_argument("--no_kid", action="store_true", help="skip KID")
+    nfe.add_argument("--samplers", default=None, type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+                     help="comma list of samplers, one line each (e.g. heun,euler,dpmpp2m,dpmpp3m,unipc; default: "
+                          "the pipeline's own scheduler)")
     _add_generation_args(nfe)
     _add_reference_args(nfe)
     _add_common_args(nfe)
@@ -106,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--model", required=True, help="pipeline folder or Hub id")
     var.add_argument("--gen_batch_size", type=int, default=32, help="images per pipeline call (per process)")
     var.add_argument("--sampler_kwargs", type=json_object_arg, default={}, help="extra pipeline arguments as JSON")
+    _add_sampling_args(var)
     _add_reference_args(var)
     _add_common_args(var)
 
@@ -200,8 +223,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                              detector=InceptionDetector(device=device) if accelerator.is_main_process else None,
                              kid=not args.no_kid, **common)
         return _finish(result, out / "phema_sweep.json") if accelerator.is_main_process else None
+    from pipelines.training.precision import resolve_sampling_precision
+
     pipeline = load_pipeline(args.model, device=str(accelerator.device))
-    sampler_kwargs = args.sampler_kwargs
+    sampler = getattr(args, "sampler", None)
+    sampler_kwargs = {**args.sampler_kwargs, "precision": resolve_sampling_precision(args.precision, accelerator.device),
+                      **({"sampler": sampler} if sampler else {})}
     run_info = {"model": str(args.model)}
     if getattr(args, "guide", None) is not None:
         from pipelines.hub import attach_guide
@@ -212,16 +239,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     gen = {"gen_batch_size": args.gen_batch_size, "accelerator": accelerator, "run_info": run_info}
 
     if args.command == "fid":
-        samples = Path(args.samples_dir) if args.samples_dir else out / f"samples-steps{args.steps}"
+        samples = Path(args.samples_dir) if args.samples_dir else out / _samples_name(args.steps, sampler)
         result = ev.fid_of_samples(pipeline, samples, args.seeds or "0-49999", frames, num_inference_steps=args.steps,
                                    detector=detector, kid=not args.no_kid, **gen, **common, **sampler_kwargs)
         path = out / "fid.json"
     elif args.command == "fid-vs-nfe":
         steps = args.steps
-        rows = ev.fid_vs_nfe(pipeline, steps, frames, out, seeds=args.seeds, detector=detector,
-                             kid=not args.no_kid, **gen, **common, **sampler_kwargs)
+        rows = ev.fid_vs_nfe(pipeline, steps, frames, out, seeds=args.seeds, samplers=args.samplers,
+                             detector=detector, kid=not args.no_kid, **gen, **common, **sampler_kwargs)
         result = None if rows is None else {"rows": rows, "csv": str(out / "fid_vs_nfe.csv"),
-                                            "plot": str(out / "fid_vs_nfe.png")}
+                                            "plot": str(out / "fid_vs_nfe.png"), "table": str(out / "fid_vs_nfe.md"),
+                                            "precision": sampler_kwargs["precision"]}
         path = out / "fid_vs_nfe.json"
     elif args.command == "guidance-sweep":
         from pipelines.evaluation.guidance_sweep import guidance_grid, guidance_sweep
@@ -229,8 +257,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         settings = guidance_grid(args.ag_weights, args.dg_weights, args.intervals, _weight_pairs(args.composed))
         rows = guidance_sweep(pipeline, frames, out, settings, seeds=args.seeds, num_inference_steps=args.steps,
                               samples_root=args.samples_dir,
-                              dg_options=args.dg_options, detector=detector, kid=not args.no_kid, **gen, **common,
-                              **sampler_kwargs)
+                              dg_options=args.dg_options, sampler_kwargs=sampler_kwargs, detector=detector,
+                              kid=not args.no_kid, **gen, **common)
         result = None if rows is None else {"rows": rows, "table": str(out / "guidance_sweep.md"),
                                             "plot": str(out / "guidance_sweep.png")}
         path = out / "guidance_sweep.json"

@@ -17,8 +17,11 @@ Rows (``--only``, repeatable):
   data       dataset build frames/s, DataLoader img/s (FrameDataset, 0 and 2 workers)
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on fake tensors (no compute). Timings
-are medians of ``--reps`` runs after ``--warmup`` runs. Reference columns are the NVlabs EDM code measured
-on this machine kind (fp32, 2 threads, batch 8, 64x64, 3 channels): see benchmarks/README.md.
+are medians of ``--reps`` runs after ``--warmup`` runs. Train and sample timings of a network run in separate
+fresh processes (a sampling process after training steps reads 25-40% fast). ``--edm_checkout PATH`` (a
+checkout of github.com/NVlabs/edm, kept outside this repository) measures NVlabs EDM's own networks, loss and
+Adam in the same run, fp32, each in a fresh process, and the "vs EDM" column divides by those; without a
+checkout there is no ratio (figures from another machine would mislead).
 """
 
 from __future__ import annotations
@@ -50,11 +53,14 @@ ARCHS = tuple(ARCHITECTURES)
 # The default run: the paper's three and the EDM2 presets that fit its budget (M..XL: pass --arch).
 DEFAULT_ARCHS = ("adm", "ddpmpp", "ncsnpp", "edm2-xs", "edm2-s")
 PRECISIONS = ("fp32", "bf16")
-# NVlabs EDM, fp32, 2 threads, batch 8, 64x64, 3 channels, on this machine kind (issue 10).
-REFERENCE = {
-    "ddpmpp": {"train_img_s": 0.326, "sample_img_nfe_s": 0.955, "peak_rss_gib": 5.2},
-    "ncsnpp": {"train_img_s": 0.318, "sample_img_nfe_s": 0.979, "peak_rss_gib": 5.3},
-    "adm": {"train_img_s": 0.196, "sample_img_nfe_s": 0.791, "peak_rss_gib": 10.6},
+# NVlabs EDM's train.py network settings per --arch (facts, not code: its classes come from --edm_checkout).
+EDM_NETWORKS = {
+    "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+                   decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    "ncsnpp": dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    "adm": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
 }
 
 
@@ -227,6 +233,47 @@ def network_cell(spec: dict) -> dict:
 
 
 OPTION_KEYS = ("channels_last", "compile", "grad_ckpt", "optimizer", "sdpa")
+
+
+def edm_reference_cell(checkout: str, arch: str, part: str, batch: int, channels: int, resolution: int,
+                       threads: int, warmup: int, reps: int, dropout: float = 0.05) -> dict:
+    """NVlabs EDM's own EDMPrecond network: its EDMLoss + Adam step ("train") or a D(x; sigma) forward
+    ("sample"), fp32 NCHW as its code runs on a CPU. Imports the checkout's modules; nothing is copied."""
+    sys.path.insert(0, str(Path(checkout).resolve()))
+    from training.loss import EDMLoss
+    from training.networks import EDMPrecond
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=resolution, img_channels=channels, label_dim=0, dropout=dropout,
+                     **EDM_NETWORKS[arch])
+    result = {"arch": arch, "part": part, "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
+              "checkout": str(checkout)}
+    images = torch.rand(batch, channels, resolution, resolution) * 2 - 1
+    if part == "train":
+        net.train().requires_grad_(True)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+        loss_fn = EDMLoss()
+
+        def once():
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(net=net, images=images).sum().mul(1 / batch).backward()
+            optimizer.step()
+
+        seconds, times = median_time(once, max(warmup, 1), reps)
+        result.update(train_img_s=batch / seconds, train_all_s=times)
+    else:
+        net.eval()
+        sigma = torch.full((batch,), 2.0)
+
+        def once():
+            with torch.no_grad():
+                net(images, sigma)
+
+        seconds, times = median_time(once, max(warmup, 1), reps)
+        result.update(sample_img_nfe_s=batch / seconds, sample_all_s=times)
+    result["peak_rss_gib"] = peak_rss_gib()
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -437,7 +484,8 @@ def _worker_call(kind: str, kwargs: dict, isolate: bool, timeout: float | None =
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-WORKERS = {"network": lambda spec: network_cell(spec), "optim": optim_cell, "dg": dg_cell, "losscurve": loss_curve_cell,
+WORKERS = {"network": lambda spec: network_cell(spec), "edm": edm_reference_cell, "optim": optim_cell, "dg": dg_cell,
+           "losscurve": loss_curve_cell,
            "inception": inception_cell, "data": lambda **kw: data_cell(Path(kw.pop("work")), **kw)}
 
 
@@ -448,25 +496,43 @@ def run_suite(args) -> dict:
                               "channels": args.channels, "resolution": args.resolution, "quick": args.quick,
                               "reps": args.reps, "warmup": args.warmup, "isolated": isolate,
                               "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                              "options": {k: getattr(args, k) for k in OPTION_KEYS}},
-                     "reference": REFERENCE}
+                              "options": {k: getattr(args, k) for k in OPTION_KEYS},
+                              "edm_checkout": args.edm_checkout}}
     torch.set_num_threads(args.threads)
     if "ceiling" in rows:
         results["ceiling"] = matmul_ceiling(256 if args.quick else 2048, args.warmup, args.reps)
         _log("ceiling", results["ceiling"])
     if rows & {"train", "sample"}:
         results["networks"] = []
+        parts = [part for part in ("train", "sample") if part in rows]
         for arch in args.arch:
             for precision in args.precision:
-                spec = dict(arch=arch, precision=precision, batch=args.batch, channels=args.channels,
-                            resolution=args.resolution, threads=args.threads, quick=args.quick, warmup=args.warmup,
-                            reps=args.reps, train="train" in rows, sample="sample" in rows, isolated=isolate,
-                            **{k: getattr(args, k) for k in OPTION_KEYS})
-                cell = _worker_call("network", {"spec": spec}, isolate)
-                cell.setdefault("arch", arch)
-                cell.setdefault("precision", precision)
+                cell = {"arch": arch, "precision": precision}
+                for part in parts:  # each in its own fresh process
+                    spec = dict(arch=arch, precision=precision, batch=args.batch, channels=args.channels,
+                                resolution=args.resolution, threads=args.threads, quick=args.quick, warmup=args.warmup,
+                                reps=args.reps, train=part == "train", sample=part == "sample", isolated=isolate,
+                                **{k: getattr(args, k) for k in OPTION_KEYS})
+                    measured = _worker_call("network", {"spec": spec}, isolate)
+                    if part == "sample" and "peak_rss_gib" in measured:
+                        measured["sample_peak_rss_gib"] = measured.pop("peak_rss_gib")
+                    cell.update(measured)
                 results["networks"].append(cell)
                 _log("network", cell)
+        if args.edm_checkout:
+            results["edm_reference"] = []
+            for arch in args.arch:
+                cell = {"arch": arch, "precision": "fp32"}
+                for part in parts:
+                    measured = _worker_call("edm", dict(checkout=args.edm_checkout, arch=arch, part=part,
+                                                        batch=args.batch, channels=args.channels,
+                                                        resolution=args.resolution, threads=args.threads,
+                                                        warmup=args.warmup, reps=args.reps), True)
+                    if part == "sample" and "peak_rss_gib" in measured:
+                        measured["sample_peak_rss_gib"] = measured.pop("peak_rss_gib")
+                    cell.update(measured)
+                results["edm_reference"].append(cell)
+                _log("edm", cell)
     if "optim" in rows:
         results["optim"] = []
         for arch in args.arch:
@@ -500,11 +566,11 @@ def run_suite(args) -> dict:
 def merge_results(parts: list[dict]) -> dict:
     """Several runs' results as one: list rows concatenated, single rows and the ceiling from the last run
     that has them; ``meta`` from the first, with each part's meta kept under ``parts``."""
-    merged: dict = {"meta": dict(parts[0]["meta"]), "reference": REFERENCE}
+    merged: dict = {"meta": dict(parts[0]["meta"])}
     merged["meta"]["parts"] = [part["meta"] for part in parts]
     for part in parts:
         for key, value in part.items():
-            if key in ("meta", "reference", "table"):
+            if key in ("meta", "table"):
                 continue
             if isinstance(value, list):
                 merged.setdefault(key, []).extend(value)
@@ -532,14 +598,19 @@ def _option_suffix(options: dict) -> str:
     return f" [{', '.join(changed)}]" if changed else ""
 
 
+def _ratio(cell: dict, reference: dict, key: str) -> float | None:
+    return cell[key] / reference[key] if key in reference and reference[key] else None
+
+
 def render_table(results: dict) -> str:
     """The suite's one table (markdown), every measured row."""
     meta = results["meta"]
+    references = {cell["arch"]: cell for cell in results.get("edm_reference", []) if "error" not in cell}
     ceiling = results.get("ceiling", {})
     lines = [f"EchoDiff benchmark: torch {meta['torch']}, {meta['threads']} threads, batch {meta['batch']}, "
              f"{meta['resolution']}x{meta['resolution']}x{meta['channels']}, median of {meta['reps']} after "
              f"{meta['warmup']} warm-up{' (TINY networks)' if meta['quick'] else ''}; options {meta['options']}",
-             "", "| row | config | value | unit | GFLOP/s | % ceiling | peak RSS GiB | vs EDM ref fp32 |",
+             "", "| row | config | value | unit | GFLOP/s | % ceiling | peak RSS GiB | vs EDM fp32 (this run) |",
              "|---|---|---:|---|---:|---:|---:|---:|"]
 
     def add(row, config, value, unit, gflops=None, share=None, rss=None, ratio=None, value_spec=".3f"):
@@ -555,16 +626,24 @@ def render_table(results: dict) -> str:
             lines.append(f"| network | {name} | ERROR: {cell['error'][:150]} | | | | | |")
             continue
         peak = ceiling.get(f"{cell['precision']}_gflop_s")
-        ref = REFERENCE.get(cell["arch"], {}) if not meta["quick"] else {}
+        ref = references.get(cell["arch"], {})
         if "train_img_s" in cell:
             add("train", f"{name} ({cell['params_M']:.3g}M, {cell['train_gflop_per_img']:.3g} GFLOP/img)",
                 cell["train_img_s"], "img/s", cell["train_gflop_s"], cell["train_gflop_s"] / peak if peak else None,
-                cell.get("peak_rss_gib"), cell["train_img_s"] / ref["train_img_s"] if ref else None)
+                cell.get("peak_rss_gib"), _ratio(cell, ref, "train_img_s"))
         if "sample_img_nfe_s" in cell:
             add("sample", f"{name} ({cell['forward_gflop_per_img']:.3g} GFLOP/img/NFE)", cell["sample_img_nfe_s"],
                 "img*NFE/s", cell["sample_gflop_s"], cell["sample_gflop_s"] / peak if peak else None,
-                cell.get("peak_rss_gib") if "train_img_s" not in cell else None,
-                cell["sample_img_nfe_s"] / ref["sample_img_nfe_s"] if ref else None)
+                cell.get("sample_peak_rss_gib"), _ratio(cell, ref, "sample_img_nfe_s"))
+    for cell in results.get("edm_reference", []):
+        if "error" in cell:
+            lines.append(f"| edm-ref | {cell['arch']} | ERROR: {cell['error'][:150]} | | | | | |")
+            continue
+        for key, row, unit, rss in (("train_img_s", "train", "img/s", "peak_rss_gib"),
+                                    ("sample_img_nfe_s", "sample", "img*NFE/s", "sample_peak_rss_gib")):
+            if key in cell:
+                add(f"edm-ref {row}", f"NVlabs EDM {cell['arch']} fp32 ({cell['params_M']:.3g}M)", cell[key], unit,
+                    rss=cell.get(rss), ratio=1.0)
     for cell in results.get("optim", []):
         if "error" in cell:
             lines.append(f"| optim | {cell.get('arch')} | ERROR: {cell['error'][:150]} | | | | | |")
@@ -640,6 +719,9 @@ def parse_args(argv=None):
     parser.add_argument("--dg_arch", choices=ARCHS, default="ddpmpp")
     parser.add_argument("--dg_precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--dg_steps", type=int, default=2, help="EDM steps of the DG timing (2N-1 NFE)")
+    parser.add_argument("--edm_checkout", default=None,
+                        help="a checkout of github.com/NVlabs/edm (outside this repo): measure its networks in this "
+                             "run (fp32, fresh processes) for the 'vs EDM' column; none: no ratio")
     parser.add_argument("--data_videos", type=int, default=40)
     parser.add_argument("--loss_steps", type=int, default=200, help="steps of the bf16-vs-fp32 loss-curve row")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",

@@ -62,6 +62,7 @@ class DemoConfig:
     # sampling and scoring
     num_generated: int = 256
     sampler_steps: int = 18
+    sampling_precision: str = "auto"  # "auto": bf16 autocast where the CPU has native bf16 (keeps the FID), else fp32
     gen_batch_size: int = 64
     inception_batch_size: int = 32
     num_real: int | None = None  # None: every frame of the split
@@ -88,6 +89,15 @@ class DemoConfig:
             raise ValueError(f"guide_fraction: expected a fraction in (0, 1] of the training, got {self.guide_fraction!r}")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise ValueError(f"mixed_precision: expected 'auto', 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.sampling_precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"sampling_precision: expected 'auto', 'fp32' or 'bf16', got {self.sampling_precision!r}")
+
+    def sampling(self) -> dict[str, Any]:
+        """The pipeline call arguments of the demo's sampling (the precision resolved for this machine)."""
+        from pipelines.training.precision import resolve_sampling_precision
+
+        return {"num_inference_steps": self.sampler_steps,
+                "precision": resolve_sampling_precision(self.sampling_precision, "cpu")}
 
 
 def tiny_demo_config(out_dir: str, **changes: Any) -> DemoConfig:
@@ -98,7 +108,8 @@ def tiny_demo_config(out_dir: str, **changes: Any) -> DemoConfig:
                 guide_network_overrides={"model_channels": 4, "channel_mult": [1, 2], "num_blocks": 1,
                                          "attn_resolutions": [8]},
                 duration_kimg=0.032, batch_size=8, lr_rampup_kimg=0.0, checkpointing_kimg=0.016,
-                mixed_precision="no", num_generated=8, sampler_steps=2, gen_batch_size=8, grid_images=8)
+                mixed_precision="no", sampling_precision="fp32", num_generated=8, sampler_steps=2, gen_batch_size=8,
+                grid_images=8)
     tiny.update(changes)
     return DemoConfig(**tiny)
 
@@ -325,6 +336,7 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
 
     pipes = {"trained": load_pipeline(train_dir / "pipeline"), "untrained": untrained_pipeline(cfg, frames.channels)}
     sample_dirs = sample_folders(cfg, out, train_info)
+    sampling = pipes["trained"].sampler_description(**cfg.sampling())
     generate_samples(cfg, pipes, sample_dirs, seeds, timer)
     scores, optimal = score_samples(cfg, pipes, sample_dirs, seeds, frames, out / "cache", timer)
     with timer.stage("sample grids, pipeline + model card"):
@@ -340,7 +352,8 @@ def run_demo(cfg: DemoConfig | None = None, **changes: Any) -> dict:
         "trained": scores["trained"], "untrained": scores["untrained"], "optimal_fid": optimal,
         **({"autoguidance": scores["autoguidance"]} if cfg.autoguidance else {}),
         "protocol": {"num_generated": n_gen, "num_real": n_real, "split": cfg.split, "sampler_steps": cfg.sampler_steps,
-                     "nfe": 2 * cfg.sampler_steps - 1, "resolution": cfg.resolution,
+                     "sampler": sampling["sampler"], "nfe": sampling["nfe"], "precision": sampling["precision"],
+                     "resolution": cfg.resolution,
                      "note": "small-sample FID (biased upwards vs FID-50k): compare only within this file; "
                              "KID is unbiased"},
         "training": {k: train_info[k] for k in ("images_seen", "steps")} | {
@@ -372,20 +385,25 @@ def run_autoguidance(cfg: DemoConfig, out: Path, frames_dir: Path, frames, pipe,
     with timer.stage(f"training the guide ({guide_cfg.duration_kimg:g} kimg)") as row:
         run_training(guide_cfg, frames_dir, guide_dir, row)
     attach_guide(pipe, guide_dir / "pipeline")
+    sampling = cfg.sampling()  # the demo's own steps and precision: its unguided samples are the sweep's baseline
     with timer.stage(f"autoguidance sweep (w = {', '.join(f'{w:g}' for w in cfg.ag_weights)})"):
         rows = guidance_sweep(pipe, frames, out / "autoguidance", guidance_grid(ag_weights=cfg.ag_weights), seeds,
-                              num_inference_steps=cfg.sampler_steps, gen_batch_size=cfg.gen_batch_size,
+                              gen_batch_size=cfg.gen_batch_size,
                               run_info={"model": "trained", "guide": str(guide_dir / "pipeline")},
                               progress=cfg.progress, detector=InceptionDetector(), num_real=cfg.num_real,
-                              cache_dir=out / "cache", batch_size=cfg.inception_batch_size)
+                              cache_dir=out / "cache", batch_size=cfg.inception_batch_size,
+                              num_inference_steps=sampling.pop("num_inference_steps"), sampler_kwargs=sampling)
     return rows
 
 
 def sample_folders(cfg: DemoConfig, out: Path, train_info: dict) -> dict[str, Path]:
     """Shard folders named after what made the samples, so another model never reuses them."""
     untrained = {k: train_info["identity"][k] for k in ("arch", "precond", "network_overrides", "seed", "dropout")}
-    return {"trained": out / "samples" / f"trained-{identity_key([train_info['identity'], train_info['images_seen']])}",
-            "untrained": out / "samples" / f"untrained-{identity_key(untrained | {'resolution': cfg.resolution})}"}
+    precision = cfg.sampling()["precision"]  # its samples differ from fp32's in the last bits: own folder
+    return {"trained": out / "samples" / f"trained-{identity_key([train_info['identity'], train_info['images_seen']])}"
+                                         f"-{precision}",
+            "untrained": out / "samples" / f"untrained-{identity_key(untrained | {'resolution': cfg.resolution})}"
+                                           f"-{precision}"}
 
 
 def generate_samples(cfg: DemoConfig, pipes: dict, sample_dirs: dict[str, Path], seeds: list[int],
@@ -398,7 +416,7 @@ def generate_samples(cfg: DemoConfig, pipes: dict, sample_dirs: dict[str, Path],
             if folder.is_dir() and set(seeds) <= finished_seeds(folder):
                 row["status"] = "reused"
             generate_images(pipe, folder, seeds, batch_size=cfg.gen_batch_size, run_info={"model": name},
-                            progress=cfg.progress, num_inference_steps=cfg.sampler_steps)
+                            progress=cfg.progress, **cfg.sampling())
 
 
 def score_samples(cfg: DemoConfig, pipes: dict, sample_dirs: dict[str, Path], seeds: list[int], frames,
@@ -418,7 +436,7 @@ def score_samples(cfg: DemoConfig, pipes: dict, sample_dirs: dict[str, Path], se
             scores[name] = ev.fid_of_samples(pipe, sample_dirs[name], seeds, frames, num_real=cfg.num_real,
                                              cache_dir=cache, detector=detector, batch_size=cfg.inception_batch_size,
                                              gen_batch_size=cfg.gen_batch_size, run_info={"model": name},
-                                             progress=cfg.progress, num_inference_steps=cfg.sampler_steps)
+                                             progress=cfg.progress, **cfg.sampling())
             scores[name].pop("reference", None)
     with timer.stage("Optimal FID of the real frames"):
         optimal = ev.optimal_fid(frames, seed=cfg.seed, detector=detector, cache_dir=cache,
@@ -437,9 +455,10 @@ def write_grids_and_pipeline(cfg: DemoConfig, out: Path, frames, sample_dirs: di
                                      out / "untrained_grid.png", nrow=8)
     real_idx = np.linspace(0, len(frames) - 1, num=min(cfg.grid_images, len(frames))).round().astype(int)
     real_grid = save_image_grid(frames.images_uint8(real_idx), out / "real_grid.png", nrow=8)
-    n_gen, n_real = scores["trained"]["num_generated"], scores["trained"]["num_real"]
-    card_metrics = {f"FID ({n_gen} generated vs {n_real} real, demo)": round(scores["trained"]["fid"], 3),
-                    f"KID ({n_gen} generated vs {n_real} real, demo)": round(scores["trained"]["kid"], 5)}
+    t = scores["trained"]
+    n_gen, n_real = t["num_generated"], t["num_real"]
+    setting = f"{n_gen} generated vs {n_real} real, {t['sampler']} {t['nfe']} NFE, {t['precision']}, demo"
+    card_metrics = {f"FID ({setting})": round(t["fid"], 3), f"KID ({setting})": round(t["kid"], 5)}
     pipeline_dir = export_pipeline(train_dir, out / "pipeline", card_metrics,
                                    repo_id=f"echodiff-demo-{cfg.arch}-{cfg.precond}")
     return {"samples_grid": str(grid), "untrained_grid": str(untrained_grid), "real_grid": str(real_grid),
@@ -453,7 +472,7 @@ def report(metrics: dict, metrics_path: Path) -> str:
     lines = [
         "",
         f"== results ({p['num_generated']} generated images vs {p['num_real']} real {p['resolution']}x"
-        f"{p['resolution']} frames, {p['sampler_steps']} Heun steps = {p['nfe']} NFE)",
+        f"{p['resolution']} frames, {p['sampler_steps']} {p['sampler']} steps = {p['nfe']} NFE, {p['precision']})",
         f"  trained model:    FID {t['fid']:9.2f}   KID {t['kid']:.4f} +- {t['kid_std']:.4f}",
         f"  untrained model:  FID {u['fid']:9.2f}   KID {u['kid']:.4f} +- {u['kid_std']:.4f}",
         f"  Optimal FID of the real frames (two halves): patient-level {o['patient_level']['fid']:.2f} "

@@ -189,16 +189,16 @@ def attach_guide(pipeline, guide: str | os.PathLike, device: str | None = None, 
     preconditioning is refused (its D would not be comparable). Returns the pipeline, ready to save.
     """
     guide_pipe = load_pipeline(guide, device=device, trust_remote_code=trust_remote_code)
-    ours = _preconditioning_settings(pipeline.scheduler)
-    theirs = _preconditioning_settings(guide_pipe.scheduler)
+    ours, theirs = _preconditioning_settings(pipeline), _preconditioning_settings(guide_pipe)
     if ours != theirs:
         raise ValueError(f"the guide '{guide}' must use the model's preconditioning {ours}, it has {theirs}")
     pipeline.register_modules(guide_unet=guide_pipe.unet)
     return pipeline
 
 
-def _preconditioning_settings(scheduler) -> dict | None:
-    preconditioning = getattr(scheduler, "preconditioning", None)
+def _preconditioning_settings(pipeline) -> dict | None:
+    """The preconditioning a pipeline's D uses (the pipeline's own config; older code: its scheduler's)."""
+    preconditioning = getattr(pipeline, "preconditioning", None)
     if preconditioning is None:
-        return None
-    return {name: getattr(preconditioning, name) for name in type(preconditioning).CONFIG_FIELDS}
+        preconditioning = getattr(pipeline.scheduler, "preconditioning", None)
+    return None if preconditioning is None else preconditioning.to_config()

@@ -47,12 +47,55 @@ def test_quick_suite_has_every_row_with_finite_numbers(quick_run):
         assert "error" not in cell, cell
         for key in ("train_img_s", "train_gflop_s", "sample_img_nfe_s", "sample_gflop_s", "peak_rss_gib"):
             assert cell[key] > 0 and math.isfinite(cell[key]), (cell["arch"], key, cell[key])
-    numbers = list(_numbers({k: v for k, v in saved.items() if k not in ("meta", "reference", "table")}))
+    numbers = list(_numbers({k: v for k, v in saved.items() if k not in ("meta", "table")}))
     assert numbers and all(math.isfinite(x) for x in numbers)
     # Inception-v3 at 299x299 is ~5.7 G multiply-adds (Szegedy et al. 2016; torchvision's 5.71 "GFLOPS"), 2 FLOPs each.
     assert 10.5 < saved["inception"]["gflop_per_img"] < 12.5
     curve = saved["losscurve"]
     assert curve["all_losses_finite"] and len(curve["curves"]["fp32"]) == len(curve["curves"]["bf16"]) == 4
+
+
+def test_without_an_edm_checkout_there_is_no_ratio(quick_run):
+    _, saved = quick_run
+    rows = [line for line in saved["table"].splitlines() if line.startswith(("| train |", "| sample |"))]
+    assert rows and all(line.rstrip().endswith("| - |") for line in rows)
+    assert "edm_reference" not in saved
+
+
+FAKE_EDM = {  # the two modules benchmark.py imports from an NVlabs EDM checkout, as stand-ins of known speed
+    "training/__init__.py": "",
+    "training/networks.py": """
+import time
+import torch
+class EDMPrecond(torch.nn.Module):
+    def __init__(self, img_resolution, img_channels, label_dim=0, dropout=0.0, **model_kwargs):
+        super().__init__()
+        assert model_kwargs["model_type"] == "SongUNet" and model_kwargs["resample_filter"] == [1, 1]
+        self.conv = torch.nn.Conv2d(img_channels, img_channels, 3, padding=1)
+    def forward(self, x, sigma, class_labels=None, augment_labels=None):
+        time.sleep(0.05 * x.shape[0])  # 20 img*NFE/s whatever the machine
+        return self.conv(x)
+""",
+    "training/loss.py": """
+class EDMLoss:
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        return (net(images, None) - images) ** 2
+""",
+}
+
+
+def test_edm_checkout_is_measured_in_the_same_run_and_gives_the_ratio(tmp_path):
+    for name, text in FAKE_EDM.items():
+        (tmp_path / "edm" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "edm" / name).write_text(text)
+    results = benchmark.main(["--quick", "--no_isolate", "--only", "sample", "--arch", "ddpmpp", "--precision", "fp32",
+                              "--edm_checkout", str(tmp_path / "edm"), "--json", str(tmp_path / "r.json")])
+    (reference,) = results["edm_reference"]
+    assert reference["sample_img_nfe_s"] == pytest.approx(20.0, rel=0.3)
+    ours = results["networks"][0]["sample_img_nfe_s"]
+    sample_row = next(line for line in results["table"].splitlines() if line.startswith("| sample |"))
+    assert sample_row.rstrip().endswith(f"| {ours / reference['sample_img_nfe_s']:.2f} |")
+    assert "| edm-ref sample | NVlabs EDM ddpmpp fp32" in results["table"]
 
 
 def test_flop_count_matches_closed_form_for_a_single_conv():

@@ -168,6 +168,36 @@ def test_guidance_sweep_scores_every_setting_on_one_protocol(workspace):
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
 
 
+def test_fid_vs_nfe_across_samplers_plots_one_line_each_and_tables_the_nfe_to_match_heun(workspace):
+    out = workspace["root"] / "samplers"
+    result = evaluate.main(_args(workspace, "fid-vs-nfe", "--model", workspace["model"], "--steps", "30,2",
+                                 "--samplers", "heun,dpmpp2m", "--seeds", "0-7", "--num_real", "20",
+                                 "--precision", "fp32", "--output_dir", str(out)))
+    rows = result["rows"]
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("heun", 59), ("heun", 3), ("dpmpp2m", 30), ("dpmpp2m", 2)]
+    assert all(r["kid"] is not None for r in rows) and result["precision"] == "fp32"
+    assert len(load_images(out / "samples-dpmpp2m-steps2")) == 8
+    table = (out / "fid_vs_nfe.md").read_text()
+    heun_59 = rows[0]["fid"]
+    assert f"Heun's FID at 59 NFE: {heun_59:.3f}" in table and "| dpmpp2m |" in table
+    heun_line = next(line for line in table.splitlines() if line.startswith("| heun |"))
+    assert heun_line.split("|")[2].strip() in ("3", "59")  # Heun matches itself at 59 NFE at the latest
+    with pytest.raises(ValueError, match="unknown sampler"):
+        evaluate.main(_args(workspace, "fid-vs-nfe", "--model", workspace["model"], "--samplers", "ddim",
+                            "--seeds", "0-1", "--output_dir", str(out)))
+
+
+def test_nfe_to_match_heun_picks_the_lowest_nfe_within_5_percent():
+    from pipelines.evaluation.protocol import nfe_to_match_heun
+
+    rows = [{"sampler": "heun", "nfe": 59, "fid": 10.0}, {"sampler": "heun", "nfe": 35, "fid": 10.4},
+            {"sampler": "heun", "nfe": 17, "fid": 12.0}, {"sampler": "unipc", "nfe": 8, "fid": 10.6},
+            {"sampler": "unipc", "nfe": 12, "fid": 10.49}, {"sampler": "unipc", "nfe": 20, "fid": 9.0},
+            {"sampler": "euler", "nfe": 30, "fid": 11.0}]
+    assert nfe_to_match_heun(rows) == (10.0, {"heun": 35, "unipc": 12, "euler": None})
+    assert nfe_to_match_heun(rows[2:]) == (None, {"heun": None, "unipc": None, "euler": None})
+
+
 def test_variance_study(workspace):
     out = workspace["root"] / "runs"
     result = evaluate.main(_args(workspace, "variance", "--model", workspace["model"], "--steps", "2", "--repeats", "2",

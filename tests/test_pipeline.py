@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import EDMDPMSolverMultistepScheduler
 from diffusers.utils import dynamic_modules_utils
 
 from pipelines.components.pipeline_echodiff import EchoDiffPipeline, foreign_imports, relative_imports
@@ -193,7 +194,8 @@ def test_save_and_load_through_diffusers_loader_is_bitwise_equal(arch, tmp_path)
     assert index["_class_name"] == ["pipeline_echodiff", "EchoDiffPipeline"]
     assert index["unet"] == [module, type(pipeline.unet).__name__]
     assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
-    carried = {"pipeline_echodiff.py", "guidance.py", f"unet/{module}.py", "unet/layers.py",
+    carried = {"pipeline_echodiff.py", "guidance.py", "samplers.py", "preconditioning.py", "scheduling_edm_heun.py",
+               f"unet/{module}.py", "unet/layers.py",
                "scheduler/scheduling_edm_heun.py", "scheduler/preconditioning.py"}
     assert carried == {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.py")}
     for name in carried:  # the files are EchoDiff's own, as they are
@@ -237,7 +239,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     import torch
     from diffusers import DiffusionPipeline
 
-    folder, resaved, out_file, threads, variant_folder = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    folder, resaved, out_file, threads, variant_folder, swapped_folder = sys.argv[1:4] + [int(sys.argv[4])] + sys.argv[5:7]
     torch.set_num_threads(threads)
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     assert not any(name == "pipelines" or name.startswith("pipelines.") for name in sys.modules), "EchoDiff imported"
@@ -254,7 +256,16 @@ REMOTE_SCRIPT = textwrap.dedent(
                                                 dtype={"unet": torch.bfloat16, "default": torch.float32})
     assert options.unet.dtype == torch.bfloat16 and options.unet.device.type == "cpu"
     half = DiffusionPipeline.from_pretrained(variant_folder, trust_remote_code=True, variant="fp16", dtype=torch.float16)
-    torch.save({"first": first, "second": second, "half_weights": half.unet.state_dict()}, out_file)
+    # a VE pipeline whose scheduler was swapped for diffusers' DPM-Solver++(3M), and a named sampler
+    swapped = DiffusionPipeline.from_pretrained(swapped_folder, trust_remote_code=True)
+    swapped.set_progress_bar_config(disable=True)
+    assert type(swapped.scheduler).__name__ == "EDMDPMSolverMultistepScheduler"
+    assert swapped.preconditioning.kind == "ve"
+    assert pipe(seeds=[0], num_inference_steps=2).sampler == "heun"  # named by class name in remote code too
+    dpm = swapped(seeds=[0, 1], num_inference_steps=STEPS, output_type="latent").images
+    unipc = swapped(seeds=[0, 1], num_inference_steps=STEPS, output_type="latent", sampler="unipc").images
+    torch.save({"first": first, "second": second, "half_weights": half.unet.state_dict(), "dpm": dpm,
+                "unipc": unipc}, out_file)
     """
 ).replace("STEPS", str(STEPS))
 
@@ -265,11 +276,14 @@ def test_remote_code_load_in_a_fresh_process_is_bitwise_equal(pipe, tmp_path):
     pipe.save_pretrained(folder)
     half = EchoDiffPipeline(unet=tiny_network().to(torch.float16), scheduler=pipe.scheduler)
     half.save_pretrained(tmp_path / "variant", variant="fp16")
+    swapped = make_pipeline(preconditioning="ve")
+    swapped.scheduler = EDMDPMSolverMultistepScheduler(solver_order=3)
+    swapped.save_pretrained(tmp_path / "swapped")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(resaved), str(out_file), str(torch.get_num_threads()),
-         str(tmp_path / "variant")],
+         str(tmp_path / "variant"), str(tmp_path / "swapped")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -277,6 +291,8 @@ def test_remote_code_load_in_a_fresh_process_is_bitwise_equal(pipe, tmp_path):
     assert torch.equal(outputs["first"], expected)
     assert torch.equal(outputs["second"], expected)
     assert all(torch.equal(outputs["half_weights"][k], v) for k, v in half.unet.state_dict().items())
+    assert torch.equal(outputs["dpm"], latents(swapped, [0, 1]))
+    assert torch.equal(outputs["unipc"], latents(swapped, [0, 1], sampler="unipc"))
     resaved_index = json.loads((resaved / "model_index.json").read_text())
     assert resaved_index["unet"] == ["unet_song", "SongUNet2DModel"]
     assert {p.relative_to(resaved).as_posix() for p in resaved.rglob("*.py")} == \

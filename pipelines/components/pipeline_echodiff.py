@@ -1,12 +1,15 @@
-"""EchoDiffPipeline: sample echocardiogram images with an EDM-preconditioned network and EDM's Heun sampler.
+"""EchoDiffPipeline: sample echocardiogram images with an EDM-preconditioned network and EDM's Heun sampler
+or any sampler of ``samplers.py`` (diffusers' EDM Euler, DPM-Solver++, UniPC).
 
 Components: ``unet`` (a raw network F(x, c_noise), e.g. SongUNet2DModel / ADMUNet2DModel), ``scheduler``
-(an EDMHeunScheduler, which also holds the preconditioning that turns F into the denoiser D), an
-optional ``discriminator`` for Discriminator Guidance and an optional ``guide_unet`` for autoguidance. Loading is diffusers' own
+(EDMHeunScheduler or a supported diffusers scheduler), an optional ``discriminator`` for Discriminator
+Guidance and an optional ``guide_unet`` for autoguidance. The preconditioning that turns F into the denoiser D
+is the pipeline's own config (``pipe.config.preconditioning``, saved in model_index.json; taken from an
+EDMHeunScheduler when not given), so swapping the scheduler keeps it. Loading is diffusers' own
 (``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``); ``save_pretrained`` adds the code.
 
-Carried by saved pipelines (at the folder's root, with its sibling ``guidance.py``): imports only torch,
-diffusers and the standard library.
+Carried by saved pipelines (at the folder's root, with its siblings ``guidance.py``, ``samplers.py`` and
+what they import): imports only torch, diffusers and the standard library.
 """
 
 import ast
@@ -16,7 +19,8 @@ import math
 import os
 import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,12 +39,33 @@ from .guidance import (
     Evaluation,
     GuidanceInterval,
 )
+from .preconditioning import EDMPreconditioning
+from .samplers import (
+    SAMPLER_NAMES,
+    SchedulerAdapter,
+    configure_for,
+    make_scheduler,
+    sampler_name,
+    uses_edm_preconditioning_fields,
+)
+from .scheduling_edm_heun import EDMHeunScheduler
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # What a file carried by a saved pipeline may import besides the standard library and its siblings.
 ALLOWED_IMPORTS = {"torch", "numpy", "diffusers", "huggingface_hub"}
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast around the network evaluations; the sampler stays float64
+
+
+@dataclass
+class EchoDiffPipelineOutput(ImagePipelineOutput):
+    """``images`` as diffusers' ImagePipelineOutput, plus the sampler used and its exact network evaluations
+    per image (``nfe``: denoiser calls, e.g. 2N - 1 for N Heun steps, N for Euler / DPM-Solver++ / UniPC)."""
+
+    nfe: int | None = None
+    sampler: str | None = None
+    precision: str | None = None
 
 
 class EchoDiffPipeline(DiffusionPipeline):
@@ -55,14 +80,32 @@ class EchoDiffPipeline(DiffusionPipeline):
     _optional_components = ["discriminator", "guide_unet"]
     _callback_tensor_inputs = ["latents", "denoised"]
 
-    def __init__(self, unet, scheduler, discriminator=None, guide_unet=None):
+    def __init__(self, unet, scheduler, discriminator=None, guide_unet=None, preconditioning: dict | None = None):
         super().__init__()
+        if preconditioning is None:  # folders saved before the pipeline held it: the scheduler's
+            if not uses_edm_preconditioning_fields(scheduler):
+                raise ValueError(f"EchoDiffPipeline needs preconditioning=... (e.g. {{'preconditioning': 've'}}) "
+                                 f"when its scheduler ({type(scheduler).__name__}) is not an "
+                                 f"{EDMHeunScheduler.__name__}, which carries one")
+            preconditioning = EDMPreconditioning.from_config(scheduler.config).to_config()
+        preconditioning = EDMPreconditioning.from_config(dict(preconditioning)).to_config()  # validated, complete
         self.register_modules(unet=unet, scheduler=scheduler, discriminator=discriminator, guide_unet=guide_unet)
+        self.register_to_config(preconditioning=preconditioning)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
 
     @property
+    def preconditioning(self) -> EDMPreconditioning:
+        """The preconditioning that turns the UNet's F into D (the one source, whatever the scheduler)."""
+        return EDMPreconditioning.from_config(dict(self.config.preconditioning))
+
+    @staticmethod
+    def sampler_names() -> tuple[str, ...]:
+        """The names ``pipe(sampler=...)`` accepts (samplers.SAMPLER_NAMES)."""
+        return SAMPLER_NAMES
+
+    @property
     def num_timesteps(self) -> int:
-        """Sampler evaluations of the last call (2N - 1 for N Heun steps)."""
+        """Network (denoiser) evaluations per image of the last call: its exact NFE."""
         return self._num_timesteps
 
     @property
@@ -70,6 +113,27 @@ class EchoDiffPipeline(DiffusionPipeline):
         """Batched evaluations of each network in the last call: {"unet": ..., "guide_unet": ...,
         "discriminator": ...}; a guided evaluation costs more than one network."""
         return dict(self._network_evaluations)
+
+    def count_nfe(self, num_inference_steps: int, sampler: str | None = None, **call_kwargs) -> int:
+        """The NFE a call with these arguments makes (without running it): one denoiser evaluation per entry of
+        the scheduler's ``timesteps`` (2N - 1 for Heun, N for the others); tested against counted calls.
+        ``call_kwargs`` are any other call arguments; only the scheduler overrides among them matter."""
+        scheduler = self.scheduler_for_call(sampler, self._scheduler_overrides(call_kwargs))
+        scheduler.set_timesteps(num_inference_steps)
+        return len(scheduler.timesteps)
+
+    def _scheduler_overrides(self, call_kwargs: dict) -> dict:
+        """The per-call scheduler settings among a call's keyword arguments."""
+        call_arguments = set(inspect.signature(type(self).__call__).parameters)
+        return {k: v for k, v in call_kwargs.items() if k not in call_arguments}
+
+    def sampler_description(self, num_inference_steps: int, sampler: str | None = None, **call_kwargs) -> dict:
+        """What a call with these arguments samples with: sampler name, steps, exact NFE, precision (for model
+        cards and metrics files)."""
+        return {"sampler": sampler_name(self.scheduler_for_call(sampler, self._scheduler_overrides(call_kwargs))),
+                "num_inference_steps": int(num_inference_steps),
+                "nfe": self.count_nfe(num_inference_steps, sampler, **call_kwargs),
+                "precision": call_kwargs.get("precision", "fp32")}
 
     @torch.no_grad()
     def __call__(self, batch_size: int | None = None, num_inference_steps: int = 30,
@@ -80,7 +144,8 @@ class EchoDiffPipeline(DiffusionPipeline):
                  discriminator=None, dg_weight_first_order: float = 0.0, dg_weight_second_order: float = 0.0,
                  dg_boost: float = 1.0, dg_boost_churn: bool = False, dg_sigma_min: float = DG_SIGMA_MIN,
                  dg_sigma_max: float | None = None, guide_unet=None, ag_weight: float = 1.0, ag_sigma_min: float = 0.0,
-                 ag_sigma_max: float | None = None, **scheduler_overrides) -> ImagePipelineOutput | tuple:
+                 ag_sigma_max: float | None = None, sampler: str | None = None, precision: str = "fp32",
+                 channels_last: bool = False, **scheduler_overrides) -> EchoDiffPipelineOutput | tuple:
         """Generate images.
 
         Args:
@@ -110,17 +175,22 @@ class EchoDiffPipeline(DiffusionPipeline):
             ag_weight: autoguidance weight w: D_w = D_0 + w (D_1 - D_0), D_1 the UNet, D_0 the guide under the same
                 preconditioning (Karras et al. 2024; 1, the default: no guidance and the guide is never run).
             ag_sigma_min, ag_sigma_max: autoguidance's interval (default: every noise level); outside it D_1 alone.
+            sampler: one of :meth:`sampler_names` ("heun", "euler", "dpmpp2m", "dpmpp3m", "dpmpp2m_sde", "unipc")
+                for this call instead of ``pipe.scheduler`` (its sigma_min, sigma_max and rho carry over).
+            precision: "fp32" (default) or "bf16" (autocast around the network evaluations; the sampler's own
+                arithmetic stays float64).
+            channels_last: run the networks in channels-last memory format for this call.
             scheduler_overrides: sampler settings for this call only (any scheduler config field but the
                 preconditioning's, e.g. s_churn, s_min, s_max, s_noise, solver, sigma_min, sigma_max, rho).
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        tensor_inputs = self.check_inputs(output_type, callback_on_step_end_tensor_inputs)
+        tensor_inputs = self.check_inputs(output_type, callback_on_step_end_tensor_inputs, precision)
         device = self._execution_device
         count, generator = self.prepare_batch(batch_size, num_images_per_prompt, seeds, generator, class_labels,
                                               latents, device)
         labels = self.prepare_class_labels(class_labels, num_images_per_prompt, device)
-        scheduler = self.scheduler_for_call(scheduler_overrides)
+        scheduler = self.scheduler_for_call(sampler, scheduler_overrides)
         scheduler.set_timesteps(num_inference_steps, device=device)
         denoiser = self.prepare_denoiser(
             scheduler, labels, guide_unet=guide_unet, ag_weight=ag_weight,
@@ -128,22 +198,26 @@ class EchoDiffPipeline(DiffusionPipeline):
             dg_weight_first_order=dg_weight_first_order, dg_weight_second_order=dg_weight_second_order,
             dg_boost=dg_boost, dg_boost_churn=dg_boost_churn,
             dg_interval=GuidanceInterval(dg_sigma_min, _no_limit(dg_sigma_max), "dg"))
-        latents = self.prepare_latents(count, generator, latents, device) * scheduler.init_noise_sigma
-        self._num_timesteps = len(scheduler.timesteps)
+        noise = self.prepare_latents(count, generator, latents, device)
+        self._num_timesteps = 0
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
-        with _eval_mode(*denoiser.networks()):  # sampling never wants dropout
-            for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
-                evaluation = Evaluation(scheduler.current_step, num_inference_steps, scheduler.state_in_first_order)
-                gamma = denoiser.extra_churn(evaluation) if evaluation.first_order else None
-                if gamma is not None:
-                    latents = scheduler.add_sample_churn(latents, gamma, generator)
-                sigma = t if getattr(scheduler, "per_sample_sigma", None) is None else scheduler.per_sample_sigma
-                denoised = denoiser(scheduler.scale_model_input(latents, t), sigma, evaluation)
-                latents = scheduler.step(denoised, t, latents, generator=generator).prev_sample
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "denoised": denoised}
-                    outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in tensor_inputs})
-                    latents = outputs.pop("latents", latents)
+        def evaluate(x, sigma, evaluation):  # every network evaluation of the call goes through here
+            self._num_timesteps += 1
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                return denoiser(x, sigma, evaluation).contiguous()
+
+        def callback(i, t, tensors):
+            if callback_on_step_end is None:
+                return tensors["latents"]
+            outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in tensor_inputs})
+            return outputs.pop("latents", tensors["latents"])
+
+        loop = self._edm_loop if uses_edm_preconditioning_fields(scheduler) else self._diffusers_loop
+        with _eval_mode(*denoiser.networks()), _memory_format(denoiser.networks(), channels_last):
+            latents = loop(scheduler, denoiser, evaluate, noise, generator, num_inference_steps, callback)
 
         self._network_evaluations = denoiser.evaluation_counts()
         images = latents.to(torch.float32)
@@ -152,13 +226,45 @@ class EchoDiffPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return ImagePipelineOutput(images=images)
+        return EchoDiffPipelineOutput(images=images, nfe=self._num_timesteps, sampler=sampler_name(scheduler),
+                                      precision=precision)
+
+    # ----- the sampling loops -------------------------------------------------------------------------------
+
+    def _edm_loop(self, scheduler, denoiser, evaluate, noise, generator, num_inference_steps, callback):
+        """EDM's own schedulers: step() takes D; per-sample churn for DG's boost."""
+        latents = noise * scheduler.init_noise_sigma
+        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
+            evaluation = Evaluation(scheduler.current_step, num_inference_steps, scheduler.state_in_first_order)
+            gamma = denoiser.extra_churn(evaluation) if evaluation.first_order else None
+            if gamma is not None:
+                latents = scheduler.add_sample_churn(latents, gamma, generator)
+            sigma = t if getattr(scheduler, "per_sample_sigma", None) is None else scheduler.per_sample_sigma
+            denoised = evaluate(scheduler.scale_model_input(latents, t), sigma, evaluation)
+            latents = scheduler.step(denoised, t, latents, generator=generator).prev_sample
+            latents = callback(i, t, {"latents": latents, "denoised": denoised})
+        return latents
+
+    def _diffusers_loop(self, scheduler, denoiser, evaluate, noise, generator, num_inference_steps, callback):
+        """diffusers' schedulers, through the one adapter of D (samplers.SchedulerAdapter); each evaluation is a
+        first-order one for guidance. ``latents`` in the callback is the scheduler's own sample."""
+        adapter = SchedulerAdapter(scheduler)
+        sample = adapter.initial_sample(noise)
+        num_evaluations = len(scheduler.timesteps)
+        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
+            x = adapter.denoiser_input(sample, i, t)
+            denoised = evaluate(x, adapter.sigma(i), Evaluation(i, num_evaluations, True))
+            sample = adapter.step(adapter.model_output(denoised, x, i), t, sample, generator)
+            sample = callback(i, t, {"latents": sample, "denoised": denoised})
+        return adapter.final(sample)
 
     # ----- the pieces of a call -----------------------------------------------------------------------------
 
-    def check_inputs(self, output_type: str, callback_on_step_end_tensor_inputs) -> list[str]:
+    def check_inputs(self, output_type: str, callback_on_step_end_tensor_inputs, precision: str = "fp32") -> list[str]:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         tensor_inputs = ["latents"] if callback_on_step_end_tensor_inputs is None else list(
             callback_on_step_end_tensor_inputs)
         unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
@@ -203,27 +309,42 @@ class EchoDiffPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must have shape (B, {label_dim}), got {tuple(labels.shape)}")
         return labels.repeat_interleave(int(num_images_per_prompt), dim=0)
 
-    def sampler_settings(self) -> list[str]:
+    def sampler_settings(self, scheduler=None) -> list[str]:
         """The scheduler config fields a call may override (all but the preconditioning's)."""
-        fields = set(inspect.signature(type(self.scheduler).__init__).parameters) - {"self"}
-        return sorted(fields - set(type(self.scheduler.preconditioning).CONFIG_FIELDS.values()))
+        scheduler = self.scheduler if scheduler is None else scheduler
+        fields = set(inspect.signature(type(scheduler).__init__).parameters) - {"self"}
+        return sorted(fields - set(EDMPreconditioning.CONFIG_FIELDS.values()))
 
-    def scheduler_for_call(self, overrides: dict):
-        """The pipeline's scheduler, or a configured copy for per-call overrides (the saved one stays as is)."""
-        if not overrides:
-            return self.scheduler
-        unknown = sorted(set(overrides) - set(self.sampler_settings()))
-        if unknown:
-            raise TypeError(f"unexpected argument(s) {unknown}; sampler overrides are {self.sampler_settings()}")
-        return type(self.scheduler).from_config(self.scheduler.config, **overrides)
+    def scheduler_for_call(self, sampler: str | None = None, overrides: dict | None = None):
+        """The scheduler of a call: ``pipe.scheduler``, or the named ``sampler`` on its grid, configured with the
+        per-call ``overrides`` (a copy: the saved one stays as is) and the pipeline's preconditioning's sigma
+        range (VE from 0.02)."""
+        overrides = dict(overrides or {})
+        preconditioning = self.preconditioning
+        if sampler is not None:
+            scheduler = make_scheduler(sampler, preconditioning, self.scheduler.config)
+        else:
+            scheduler = self.scheduler
+            if uses_edm_preconditioning_fields(scheduler) and \
+                    EDMPreconditioning.from_config(scheduler.config).to_config() != preconditioning.to_config():
+                raise ValueError(f"pipe.scheduler's preconditioning {scheduler.preconditioning} differs from the "
+                                 f"pipeline's {preconditioning} (pipe.config.preconditioning, the one source of D): "
+                                 "build the scheduler from_config(pipe.scheduler.config, ...) to keep it")
+        if overrides:
+            unknown = sorted(set(overrides) - set(self.sampler_settings(scheduler)))
+            if unknown:
+                raise TypeError(f"unexpected argument(s) {unknown}; sampler overrides are "
+                                f"{self.sampler_settings(scheduler)}")
+            scheduler = type(scheduler).from_config(scheduler.config, **overrides)
+        return configure_for(scheduler, preconditioning)
 
     def prepare_denoiser(self, scheduler, class_labels, guide_unet=None, ag_weight: float = 1.0,
                          ag_interval: GuidanceInterval = GuidanceInterval(name="ag"), discriminator=None,
                          dg_weight_first_order: float = 0.0, dg_weight_second_order: float = 0.0, dg_boost: float = 1.0,
                          dg_boost_churn: bool = False, dg_interval: GuidanceInterval = GuidanceInterval(name="dg")):
-        """D(x; sigma) of the UNet under the scheduler's preconditioning, wrapped in autoguidance when
+        """D(x; sigma) of the UNet under the pipeline's preconditioning, wrapped in autoguidance when
         ``ag_weight != 1`` and then in DG when a DG weight is set (with neither: exactly the plain sampler)."""
-        denoiser = Denoiser(self.unet, scheduler.preconditioning, class_labels)
+        denoiser = Denoiser(self.unet, self.preconditioning, class_labels)
         denoiser = self.prepare_autoguidance(denoiser, scheduler, class_labels, guide_unet, ag_weight, ag_interval)
         return self.prepare_discriminator_guidance(denoiser, scheduler, discriminator, dg_weight_first_order,
                                                    dg_weight_second_order, dg_boost, dg_boost_churn, dg_interval)
@@ -240,7 +361,7 @@ class EchoDiffPipeline(DiffusionPipeline):
             ours, theirs = getattr(self.unet.config, field, None), getattr(guide_unet.config, field, None)
             if ours != theirs:
                 raise ValueError(f"guide_unet must match the unet it guides: {field} is {theirs!r}, the unet's is {ours!r}")
-        guide = Denoiser(guide_unet, scheduler.preconditioning, class_labels, name="guide_unet")
+        guide = Denoiser(guide_unet, self.preconditioning, class_labels, name="guide_unet")
         return AutoGuidance(denoiser, guide, weight, interval)
 
     def prepare_discriminator_guidance(self, denoiser, scheduler, discriminator, weight_first_order: float,
@@ -310,6 +431,19 @@ def _eval_mode(*modules):
     finally:
         for module in training:
             module.train()
+
+
+@contextmanager
+def _memory_format(modules, channels_last: bool):
+    """Channels-last weights for the block (when asked), then back to contiguous."""
+    modules = [m for m in modules if channels_last and isinstance(m, torch.nn.Module)]
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to(memory_format=torch.contiguous_format)
 
 
 def _installed(library: str) -> bool:

@@ -121,6 +121,10 @@ class EDMPreconditioning:
         values = {arg: get(field) for arg, field in cls.CONFIG_FIELDS.items()}
         return cls(**{arg: value for arg, value in values.items() if value is not None})
 
+    def to_config(self) -> dict:
+        """The config fields (CONFIG_FIELDS' names) that rebuild this preconditioning with :meth:`from_config`."""
+        return {field: getattr(self, arg) for arg, field in self.CONFIG_FIELDS.items()}
+
     def __repr__(self) -> str:
         return f"EDMPreconditioning(kind={self.kind!r}, sigma_min={self.sigma_min:.6g}, sigma_max={self.sigma_max:.6g})"
 

@@ -105,12 +105,13 @@ def timed_generation(pipeline: Any, samples_dir: Path, seeds: list[int], num_inf
 
 def guidance_sweep(pipeline: Any, frames: Any, out_dir: str | os.PathLike, settings: Sequence[GuidanceSetting],
                    seeds: str | Sequence[int] = "0-49999", num_inference_steps: int = 30, dg_options: dict | None = None,
-                   samples_root: str | os.PathLike | None = None,
+                   samples_root: str | os.PathLike | None = None, sampler_kwargs: dict | None = None,
                    gen_batch_size: int = 32, accelerator: Any = None, run_info: dict | None = None,
                    progress: bool = True, **score_options: Any) -> list[dict] | None:
     """Score every setting (same seeds, steps and real subsample); writes ``guidance_sweep.md`` / ``.png``.
 
-    Samples go to ``samples_root/<setting>`` (default ``out_dir/samples``). ``score_options`` go to :func:`pipelines.evaluation.protocol.fid_of_samples` (detector, num_real,
+    ``sampler_kwargs`` (e.g. sampler, precision) apply to every row. Samples go to ``samples_root/<setting>``
+    (default ``out_dir/samples``). ``score_options`` go to :func:`pipelines.evaluation.protocol.fid_of_samples` (detector, num_real,
     cache_dir, kid, ...). Returns the rows on the main process, None on the others.
     """
     seeds = parse_seeds(seeds)
@@ -118,7 +119,7 @@ def guidance_sweep(pipeline: Any, frames: Any, out_dir: str | os.PathLike, setti
     rows = []
     for setting in settings:
         samples_dir = Path(samples_root or out_dir / "samples") / setting.folder
-        kwargs = setting.sampler_kwargs(dg_options)
+        kwargs = {**(sampler_kwargs or {}), **setting.sampler_kwargs(dg_options)}
         timing = timed_generation(pipeline, samples_dir, seeds, num_inference_steps, gen_batch_size, accelerator,
                                   dict(run_info or {}), progress, kwargs)
         result = fid_of_samples(pipeline, samples_dir, seeds, frames, num_inference_steps=num_inference_steps,

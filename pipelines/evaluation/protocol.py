@@ -4,7 +4,8 @@
   real subsample's cached statistics.
 - ``optimal_fid``: FID between two seeded halves of the real frames, patient-level (one video's
   frames stay on one side) and frame-level.
-- ``fid_vs_nfe``: FID over sampler step counts (NFE = 2N - 1 for EDM's Heun sampler), CSV + PNG.
+- ``fid_vs_nfe``: FID (+ KID) over sampler step counts, per sampler (Heun, DPM-Solver++, UniPC, ...):
+  CSV, one PNG with a line per sampler, and a Markdown table of the NFE each needs to match Heun at 59 NFE.
 - ``variance_study``: the paper's two experiments (real subsample varied / generation varied).
 
 Inception features go through one cache (``pipelines.evaluation.feature_cache``): per real frame and
@@ -43,6 +44,8 @@ from pipelines.utils import seeded_subset
 DEFAULT_CACHE_DIR = Path(os.environ.get("ECHODIFF_CACHE", Path.home() / ".cache" / "echodiff"))
 DEFAULT_NUM_REAL = 50_000
 DEFAULT_NUM_GEN = 50_000
+HEUN_REFERENCE_NFE = 59  # the paper's headline setting (30 Heun steps)
+MATCH_TOLERANCE = 0.05  # "within 5% of Heun's FID at 59 NFE"
 
 
 def default_device() -> str:
@@ -131,9 +134,17 @@ def fid_of_samples(pipeline: Any, samples_dir: str | os.PathLike, seeds: str | S
     reference = reference_for(frames, num_real, subsample_seed, stats_path, cache_dir, detector, batch_size, progress)
     gen = shard_features(samples_dir, seeds, detector, batch_size, progress)
     real = _kid_real_features(frames, num_real, subsample_seed, detector, cache_dir, batch_size, progress) if kid else None
-    return {**scores(gen, reference, real), "num_inference_steps": num_inference_steps,
-            "nfe": 2 * num_inference_steps - 1, "seeds": _seed_summary(seeds), "samples_dir": str(samples_dir),
-            "reference": reference.fingerprint}
+    return {**scores(gen, reference, real), **sampling_record(pipeline, num_inference_steps, sampler_kwargs),
+            "seeds": _seed_summary(seeds), "samples_dir": str(samples_dir), "reference": reference.fingerprint}
+
+
+def sampling_record(pipeline: Any, num_inference_steps: int, sampler_kwargs: dict) -> dict:
+    """Sampler name, steps, exact NFE and precision of a call with these arguments (EchoDiffPipeline's own
+    count; other pipelines: steps only, the NFE is not known)."""
+    describe = getattr(pipeline, "sampler_description", None)
+    if describe is None:
+        return {"num_inference_steps": int(num_inference_steps), "nfe": None}
+    return describe(num_inference_steps, **sampler_kwargs)
 
 
 def _kid_real_features(frames: Any, num_real: int | None, seed: int, detector: InceptionDetector,
@@ -216,26 +227,72 @@ def optimal_fid(frames: Any, seed: int = 0, max_per_half: int | None = None,
 
 
 def fid_vs_nfe(pipeline: Any, steps_list: Sequence[int], frames: Any, out_dir: str | os.PathLike,
-               seeds: str | Sequence[int] = "0-49999", **kwargs: Any) -> list[dict] | None:
-    """FID per sampler step count; writes ``fid_vs_nfe.csv`` and ``fid_vs_nfe.png`` (NFE = 2N - 1)."""
+               seeds: str | Sequence[int] = "0-49999", samplers: Sequence[str] | None = None,
+               **kwargs: Any) -> list[dict] | None:
+    """FID (+ KID) per sampler and step count (the paper's Figure 1, extended to other samplers).
+
+    ``samplers``: names of ``pipeline.sampler_names()`` (None: the pipeline's own scheduler). Samples go to
+    ``samples-steps<N>`` (own scheduler) or ``samples-<sampler>-steps<N>``; writes ``fid_vs_nfe.csv``,
+    ``fid_vs_nfe.png`` (FID and KID against the exact NFE, a line per sampler) and ``fid_vs_nfe.md``.
+    """
     if not steps_list or any(int(n) < 1 for n in steps_list):
         raise ValueError(f"steps_list must be positive step counts, got {list(steps_list)}")
+    known = getattr(pipeline, "sampler_names", lambda: ())()
+    unknown = [name for name in samplers or () if name not in known]
+    if unknown:
+        raise ValueError(f"--samplers: unknown sampler(s) {unknown}; this pipeline has {list(known)}")
     out_dir = Path(out_dir)
     rows = []
     accelerator = kwargs.get("accelerator")
-    for steps in steps_list:
-        result = fid_of_samples(pipeline, out_dir / f"samples-steps{int(steps)}", seeds, frames,
-                                num_inference_steps=int(steps), **kwargs)
-        if result is not None:
-            rows.append({"steps": int(steps), "nfe": 2 * int(steps) - 1, "fid": result["fid"],
-                         "kid": result.get("kid"), "num_generated": result["num_generated"]})
+    for sampler in samplers or [None]:
+        for steps in steps_list:
+            folder = out_dir / (f"samples-steps{int(steps)}" if sampler is None else f"samples-{sampler}-steps{int(steps)}")
+            options = dict(kwargs) if sampler is None else {**kwargs, "sampler": sampler}
+            result = fid_of_samples(pipeline, folder, seeds, frames, num_inference_steps=int(steps), **options)
+            if result is not None:
+                rows.append({"sampler": result.get("sampler", sampler), "steps": int(steps), "nfe": result["nfe"],
+                             "fid": result["fid"], "kid": result.get("kid"), "kid_std": result.get("kid_std"),
+                             "num_generated": result["num_generated"]})
     if accelerator is not None and not accelerator.is_main_process:
         return None
     write_nfe_table(rows, out_dir)
     return rows
 
 
-def write_nfe_table(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+def nfe_to_match_heun(rows: list[dict], reference_nfe: int = HEUN_REFERENCE_NFE,
+                      tolerance: float = MATCH_TOLERANCE) -> tuple[float | None, dict[str, int | None]]:
+    """(Heun's FID at ``reference_nfe``, per sampler the lowest NFE whose FID is within ``tolerance`` of it);
+    None where Heun has no such row or the sampler never gets there."""
+    heun = [r["fid"] for r in rows if r["sampler"] == "heun" and r["nfe"] == reference_nfe]
+    target = heun[0] if heun else None
+    lowest = {}
+    for row in rows:
+        lowest.setdefault(row["sampler"], None)
+        if target is not None and row["fid"] <= target * (1 + tolerance):
+            current = lowest[row["sampler"]]
+            lowest[row["sampler"]] = row["nfe"] if current is None else min(current, row["nfe"])
+    return target, lowest
+
+
+def nfe_markdown(rows: list[dict]) -> str:
+    """The per-sampler table: lowest NFE within 5% of Heun's FID at 59 NFE, and each sampler's best point."""
+    target, lowest = nfe_to_match_heun(rows)
+    size = rows[0]["num_generated"] if rows else 0
+    reference = (f"Heun's FID at {HEUN_REFERENCE_NFE} NFE: {target:.3f}" if target is not None else
+                 f"no Heun row at {HEUN_REFERENCE_NFE} NFE (add sampler heun with 30 steps)")
+    lines = [f"FID vs NFE on {size} generated images per point; {reference}.", "",
+             f"| sampler | lowest NFE with FID within {MATCH_TOLERANCE:.0%} of Heun at {HEUN_REFERENCE_NFE} NFE "
+             "| best FID (at NFE) | points |", "|---|---|---|---|"]
+    for sampler, nfe in lowest.items():
+        mine = [r for r in rows if r["sampler"] == sampler]
+        best = min(mine, key=lambda r: r["fid"])
+        shown = "-" if nfe is None else str(nfe)
+        lines.append(f"| {sampler} | {shown} | {best['fid']:.3f} ({best['nfe']}) | "
+                     + ", ".join(f"{r['nfe']}: {r['fid']:.2f}" for r in sorted(mine, key=lambda r: r["nfe"])) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_nfe_table(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Path, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,21 +300,29 @@ def write_nfe_table(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out_dir / "fid_vs_nfe.csv", out_dir / "fid_vs_nfe.png"
+    csv_path, png_path, md_path = out_dir / "fid_vs_nfe.csv", out_dir / "fid_vs_nfe.png", out_dir / "fid_vs_nfe.md"
     with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["steps", "nfe", "fid", "kid", "num_generated"])
+        writer = csv.DictWriter(handle, fieldnames=["sampler", "steps", "nfe", "fid", "kid", "kid_std", "num_generated"])
         writer.writeheader()
         writer.writerows(rows)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], marker="o")
-    ax.set_xlabel("NFE (2N - 1, EDM Heun)")
-    ax.set_ylabel("FID")
-    ax.set_title(f"FID per NFE ({rows[0]['num_generated'] if rows else 0} samples)")
-    ax.grid(alpha=0.3)
+    metrics = ["fid"] + (["kid"] if any(r.get("kid") is not None for r in rows) else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for sampler in dict.fromkeys(r["sampler"] for r in rows):
+            mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["nfe"])
+            ax.plot([r["nfe"] for r in mine], [r[metric] for r in mine], marker="o", label=sampler)
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE (network evaluations per image)")
+        ax.set_ylabel(metric.upper())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{' and '.join(m.upper() for m in metrics)} per NFE ({rows[0]['num_generated'] if rows else 0} "
+                 "samples per point)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
-    return csv_path, png_path
+    md_path.write_text(nfe_markdown(rows), encoding="utf-8")
+    return csv_path, png_path, md_path
 
 
 def _mean_std(values: Sequence[float]) -> dict:
@@ -304,7 +369,7 @@ def variance_study(pipeline: Any, frames: Any, out_dir: str | os.PathLike, repea
         feats = shard_features(samples_dir, all_seeds[r * num_gen:(r + 1) * num_gen], detector, batch_size, progress)
         mu_g, sigma_g = feature_statistics(feats)
         fids_b.append(frechet_distance(mu_g, sigma_g, mu_r, sigma_r))
-    return {"num_inference_steps": num_inference_steps, "nfe": 2 * num_inference_steps - 1, "repeats": repeats,
+    return {**sampling_record(pipeline, num_inference_steps, sampler_kwargs), "repeats": repeats,
             "num_generated": num_gen, "num_real": int(len(idx)), "subsample_seed": subsample_seed,
             "generated_fixed_real_varied": _mean_std(fids_a), "real_fixed_generation_varied": _mean_std(fids_b),
             "std": "sample standard deviation (ddof=1)", "paper_18_steps": {"generated_fixed_real_varied": "4.02 +- 0.045",

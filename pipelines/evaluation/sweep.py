@@ -270,10 +270,12 @@ def table_rows(results: list[dict]) -> list[dict[str, str]]:
 def render_table(config: SweepConfig, results: list[dict], pending: list[str]) -> str:
     ev_cfg = config.evaluation
     rows = table_rows(results)
+    evaluations = [r["evaluation"] for r in results]
+    recorded = sorted({f"{e.get('sampler')} = {e['nfe']} NFE" for e in evaluations if e.get("nfe") is not None})
+    sampling = ", ".join(recorded) or "NFE as each run's sampler counts it"  # exact, from the pipelines
     lines = ["# Table 1 sweep", "",
              f"FID of {ev_cfg['num_generated']:,} generated images (seeds {ev_cfg['first_seed']}-"
-             f"{ev_cfg['first_seed'] + ev_cfg['num_generated'] - 1}, {ev_cfg['steps']} EDM Heun steps = "
-             f"{2 * ev_cfg['steps'] - 1} NFE) against a fixed subsample of {ev_cfg['num_real'] or 'all'} real frames "
+             f"{ev_cfg['first_seed'] + ev_cfg['num_generated'] - 1}, {ev_cfg['steps']} steps: {sampling}) against a fixed subsample of {ev_cfg['num_real'] or 'all'} real frames "
              f"(split {ev_cfg['split']}, seed {ev_cfg['subsample_seed']}); Sampler is the preconditioning the model "
              "was trained and sampled with.", ""]
     if ev_cfg["num_generated"] < 50_000:

@@ -122,8 +122,9 @@ def build_discriminator(variant: str = "adm", resolution: int = 64, channels: in
 
 
 def preconditioning_of(pipeline) -> dict[str, Any]:
-    """The discriminator config fields that give it the pipeline scheduler's preconditioning (its input scaling)."""
-    pre = pipeline.scheduler.preconditioning
+    """The discriminator config fields that give it the pipeline's preconditioning (its input scaling); pipelines
+    without their own (saved before it moved to the pipeline config) carry it in their EDM scheduler."""
+    pre = getattr(pipeline, "preconditioning", None) or pipeline.scheduler.preconditioning
     accepted = inspect.signature(EchoDiffDiscriminator.__init__).parameters
     return {field: getattr(pre, arg) for arg, field in type(pre).CONFIG_FIELDS.items() if field in accepted}
 
