@@ -59,7 +59,14 @@ def solvers(pipe) -> tuple[str, ...]:
     return tuple(getattr(inspect.getmodule(type(pipe.scheduler)), "SOLVERS", ()))
 
 
+def samplers(pipe) -> tuple[str, ...]:
+    """The sampler names the loaded pipeline's own code accepts (none for code older than ``sampler=``)."""
+    names = getattr(pipe, "sampler_names", None)
+    return tuple(names()) if callable(names) else ()
+
+
 ANY_PIPELINE = Needs("", lambda pipe: True)
+SEVERAL_SAMPLERS = Needs("a pipeline with several samplers", lambda pipe: len(samplers(pipe)) > 1)
 SEVERAL_SOLVERS = Needs("a scheduler with several solvers", lambda pipe: len(solvers(pipe)) > 1)
 HAS_DISCRIMINATOR = Needs("a discriminator (train one with train_discriminator.py)",
                           lambda pipe: getattr(pipe, "discriminator", None) is not None)
@@ -88,10 +95,12 @@ class Control:
 
 # New call arguments get one row each (their group becomes a section of the page).
 CONTROLS: tuple[Control, ...] = (
+    Control("sampler", "Sampler", "Sampler", info="heun: EDM's own (2N - 1 evaluations); the others: diffusers' "
+            "solvers on EDM's grid (N); empty = the pipeline's scheduler", needs=SEVERAL_SAMPLERS, choices=samplers),
     Control("solver", "ODE solver", "Sampler", info="heun: EDM's 2nd order, 2N - 1 evaluations; euler: N",
             needs=SEVERAL_SOLVERS, choices=solvers),
     Control("s_churn", "S_churn (stochasticity)", "Sampler", 0.0, 100.0, 0.5,
-            "EDM's churn: noise added back each step; 0 = the deterministic sampler"),
+            "EDM's churn: noise added back each step; 0 = the deterministic sampler (EDM's own sampler only)"),
     Control("dg_weight_first_order", "DG weight on Euler steps", "Discriminator Guidance", 0.0, 20.0, 0.5,
             "D + w sigma^2 grad log r; paper: 5 (0 = no guidance)", HAS_DISCRIMINATOR),
     Control("dg_weight_second_order", "DG weight on Heun corrections", "Discriminator Guidance", 0.0, 20.0, 0.5,
@@ -236,14 +245,27 @@ def sampling_arguments(pipe, steps: Any, values: dict[str, Any], max_steps: int 
         elif value not in (None, control.minimum, control_default(pipe, control)):
             need = control.needs.what or f"a pipeline that takes {control.name}"
             raise ValueError(f"{control.label} ({control.name}={value}) needs {need}; this pipeline has none")
-    return arguments
+    return without_foreign_sampler_settings(pipe, arguments)
+
+
+def without_foreign_sampler_settings(pipe, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A sampler chosen by name keeps only the scheduler settings it has: EDM's churn and solver do not apply
+    to diffusers' solvers, so their widgets' values are left out (their info says so)."""
+    sampler = arguments.get("sampler")
+    if not sampler or not hasattr(pipe, "scheduler_for_call"):
+        return arguments
+    keep = set(inspect.signature(pipe.__call__).parameters) | set(pipe.sampler_settings(pipe.scheduler_for_call(sampler)))
+    return {name: value for name, value in arguments.items() if name in keep}
 
 
 def evaluations(pipe, steps: int, arguments: dict[str, Any] | None = None) -> int:
     """Network evaluations (NFE) of ``steps`` sampler steps with the pipeline's scheduler and the sampler
     settings among ``arguments`` (Heun: 2N - 1, Euler: N)."""
+    arguments = {k: v for k, v in (arguments or {}).items() if k not in ("seeds", "num_inference_steps")}
+    if hasattr(pipe, "count_nfe"):  # the pipeline's own count, whatever the sampler
+        return pipe.count_nfe(int(steps), **arguments)
     settings = set(pipe.sampler_settings()) if hasattr(pipe, "sampler_settings") else set()
-    overrides = {k: v for k, v in (arguments or {}).items() if k in settings}
+    overrides = {k: v for k, v in arguments.items() if k in settings}
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
     scheduler.set_timesteps(int(steps))
     return len(scheduler.timesteps)

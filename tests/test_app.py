@@ -182,6 +182,20 @@ def test_autoguidance_controls_need_a_guide_and_give_the_pipelines_images(plain)
     assert not np.array_equal(images, reference(with_guide, [1, 2]))  # the guide acted
 
 
+def test_sampler_control_lists_the_pipelines_own_samplers_and_counts_their_nfe(plain):
+    control = next(c for c in CONTROLS if c.name == "sampler")
+    assert control.supported(plain) and tuple(control.choices(plain)) == plain.sampler_names()
+    assert {"heun", "dpmpp2m"} <= set(control.choices(plain))
+    assert evaluations(plain, 6, {"sampler": "dpmpp2m"}) == 6 and evaluations(plain, 6, {"sampler": "heun"}) == 11
+    arguments = sampling_arguments(plain, STEPS, {"sampler": "dpmpp2m", "s_churn": 2.0})
+    assert arguments == {"num_inference_steps": STEPS, "sampler": "dpmpp2m"}  # EDM's churn is not dpmpp2m's
+    assert sampling_arguments(plain, STEPS, {"sampler": "heun", "s_churn": 2.0})["s_churn"] == 2.0
+    progress = []
+    images = sample(plain, [1, 2], arguments, lambda done, total: progress.append((done, total)))
+    assert np.array_equal(images, reference(plain, [1, 2], sampler="dpmpp2m"))
+    assert progress == [(i, STEPS) for i in range(1, STEPS + 1)]  # one evaluation per step
+
+
 def test_widgets_come_from_the_table(guided, folders, monkeypatch):
     """A new row is one line: a slider, a number field (empty = None) or a dropdown, with the pipeline's default."""
     import gradio as gr

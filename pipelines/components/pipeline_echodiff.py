@@ -105,7 +105,8 @@ class EchoDiffPipeline(DiffusionPipeline):
 
     @property
     def num_timesteps(self) -> int:
-        """Network (denoiser) evaluations per image of the last call: its exact NFE."""
+        """Network (denoiser) evaluations per image of the call: during it, the number it will make (one per entry
+        of the scheduler's timesteps, for progress bars); after it, the counted exact NFE."""
         return self._num_timesteps
 
     @property
@@ -199,11 +200,13 @@ class EchoDiffPipeline(DiffusionPipeline):
             dg_boost=dg_boost, dg_boost_churn=dg_boost_churn,
             dg_interval=GuidanceInterval(dg_sigma_min, _no_limit(dg_sigma_max), "dg"))
         noise = self.prepare_latents(count, generator, latents, device)
-        self._num_timesteps = 0
+        self._num_timesteps = len(scheduler.timesteps)  # diffusers' meaning, known before the loop (callbacks)
+        nfe = 0
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
         def evaluate(x, sigma, evaluation):  # every network evaluation of the call goes through here
-            self._num_timesteps += 1
+            nonlocal nfe
+            nfe += 1
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
@@ -220,13 +223,14 @@ class EchoDiffPipeline(DiffusionPipeline):
             latents = loop(scheduler, denoiser, evaluate, noise, generator, num_inference_steps, callback)
 
         self._network_evaluations = denoiser.evaluation_counts()
+        self._num_timesteps = nfe  # the counted evaluations are the truth
         images = latents.to(torch.float32)
         if output_type != "latent":
             images = self.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return EchoDiffPipelineOutput(images=images, nfe=self._num_timesteps, sampler=sampler_name(scheduler),
+        return EchoDiffPipelineOutput(images=images, nfe=nfe, sampler=sampler_name(scheduler),
                                       precision=precision)
 
     # ----- the sampling loops -------------------------------------------------------------------------------
