@@ -141,7 +141,7 @@ def guidance_sweep(pipeline: Any, frames: Any, out_dir: str | os.PathLike, setti
 
 
 def write_guidance_table(rows: list[dict], out_dir: Path) -> Path:
-    lines = ["| guidance | ag w | dg w | sigma interval | FID | KID (+- std) | NFE | networks per evaluation batch "
+    lines = ["| guidance | ag w | dg w | sigma interval | FID | KID (+- subset std) | NFE | networks per evaluation batch "
              "| s / image |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         kid = "-" if row["kid"] is None else f"{row['kid']:.4f} +- {row['kid_std']:.4f}"
