@@ -29,7 +29,7 @@ def main(argv=None):
     p.add_argument("--autoguidance", action="store_true",
                    help=f"also train a guide ({d.guide_fraction:g} of the images, model_channels "
                         f"{d.guide_network_overrides['model_channels']}) and score autoguidance at w = "
-                        f"{', '.join(f'{w:g}' for w in d.ag_weights)} (about 8 more minutes)")
+                        f"{', '.join(f'{w:g}' for w in d.ag_weights)} (about 5 more minutes)")
     p.add_argument("--no_progress_bar", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     changes = {k: v for k, v in {"duration_kimg": args.duration_kimg, "num_generated": args.num_generated,

@@ -72,7 +72,7 @@ class DemoConfig:
     autoguidance: bool = False
     guide_network_overrides: dict[str, Any] = field(default_factory=lambda: {**DEMO_NETWORK, "model_channels": 8})
     guide_fraction: float = 0.25
-    ag_weights: tuple[float, ...] = (2.0, 3.0)
+    ag_weights: tuple[float, ...] = (1.5, 2.0)  # the best weights of the measured sweep (docs/autoguidance.md)
 
     def __post_init__(self):
         positive = {"num_videos": self.num_videos, "resolution": self.resolution, "frame_stride": self.frame_stride,
