@@ -28,7 +28,13 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.cli import float_list_arg, int_list_arg, interval_list_arg, json_object_arg
+from pipelines.cli import (
+    float_list_arg,
+    int_list_arg,
+    interval_list_arg,
+    json_object_arg,
+    weight_pair_list_arg,
+)
 
 SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")  # pipelines.training.precision (not imported for --help)
 
@@ -140,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DG first-order weights (needs a pipeline with a discriminator), e.g. 1,2,5")
     guided.add_argument("--intervals", type=interval_list_arg, default=[(0.0, float("inf"))],
                         help="sigma intervals LO:HI each guidance is swept over (default 0:inf)")
-    guided.add_argument("--composed", default="", help="autoguidance:DG weight pairs with both on, over the first "
-                                                       "interval, e.g. 2:1,3:2")
+    guided.add_argument("--composed", type=weight_pair_list_arg, default=[],
+                        help="autoguidance:DG weight pairs with both on, over the first interval, e.g. 2:1,3:2")
     guided.add_argument("--dg_options", type=json_object_arg, default={},
                         help='further DG arguments for the DG rows, e.g. \'{"dg_boost": 2}\'')
     guided.add_argument("--no_kid", action="store_true", help="skip KID")
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     elif args.command == "guidance-sweep":
         from pipelines.evaluation.guidance_sweep import guidance_grid, guidance_sweep
 
-        settings = guidance_grid(args.ag_weights, args.dg_weights, args.intervals, _weight_pairs(args.composed))
+        settings = guidance_grid(args.ag_weights, args.dg_weights, args.intervals, args.composed)
         rows = guidance_sweep(pipeline, frames, out, settings, seeds=args.seeds, num_inference_steps=args.steps,
                               samples_root=args.samples_dir,
                               dg_options=args.dg_options, sampler_kwargs=sampler_kwargs, detector=detector,
@@ -271,16 +277,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     if result is not None:
         result["model"] = str(args.model)
     return _finish(result, path) if accelerator.is_main_process else None
-
-
-def _weight_pairs(text: str) -> list[tuple[float, float]]:
-    try:
-        pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",") if part.strip()]
-    except ValueError:
-        pairs = [()]
-    if any(len(pair) != 2 for pair in pairs):
-        raise SystemExit(f"error: --composed takes AG:DG weight pairs such as 2:1,3:2, got {text!r}")
-    return pairs
 
 
 def _has_seeds(path: str) -> bool:

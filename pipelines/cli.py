@@ -54,3 +54,17 @@ def interval_list_arg(text: str) -> list[tuple[float, float]]:
     if not intervals:
         raise argparse.ArgumentTypeError(f"expected at least one interval LO:HI, got {text!r}")
     return intervals
+
+
+def weight_pair_list_arg(text: str) -> list[tuple[float, float]]:
+    """A comma list of A:B weight pairs, e.g. '2:1,3:2' (autoguidance:DG)."""
+    pairs = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            first, second = (float(v) for v in part.split(":"))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected weight pairs A:B such as 2:1,3:2, got {part!r}") from err
+        pairs.append((first, second))
+    return pairs

@@ -223,5 +223,8 @@ def test_cli_errors(workspace, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(_args(workspace, "fid-vs-nfe", "--model", workspace["model"], "--steps", "5,x"))
     assert "--steps: expected a comma list of integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(_args(workspace, "guidance-sweep", "--model", workspace["model"], "--composed", "2:1,3"))
+    assert "--composed: expected weight pairs A:B" in capsys.readouterr().err
     with pytest.raises(ValueError, match="neither a saved pipeline folder"):
         evaluate.main(_args(workspace, "fid", "--model", str(tmp_path / "nothing"), "--output_dir", str(tmp_path)))

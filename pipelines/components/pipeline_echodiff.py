@@ -349,11 +349,11 @@ class EchoDiffPipeline(DiffusionPipeline):
         """D(x; sigma) of the UNet under the pipeline's preconditioning, wrapped in autoguidance when
         ``ag_weight != 1`` and then in DG when a DG weight is set (with neither: exactly the plain sampler)."""
         denoiser = Denoiser(self.unet, self.preconditioning, class_labels)
-        denoiser = self.prepare_autoguidance(denoiser, scheduler, class_labels, guide_unet, ag_weight, ag_interval)
+        denoiser = self.prepare_autoguidance(denoiser, class_labels, guide_unet, ag_weight, ag_interval)
         return self.prepare_discriminator_guidance(denoiser, scheduler, discriminator, dg_weight_first_order,
                                                    dg_weight_second_order, dg_boost, dg_boost_churn, dg_interval)
 
-    def prepare_autoguidance(self, denoiser, scheduler, class_labels, guide_unet, weight: float,
+    def prepare_autoguidance(self, denoiser, class_labels, guide_unet, weight: float,
                              interval: GuidanceInterval):
         if weight == 1:
             return denoiser  # w = 1 is D_1 itself: the guide is not even needed

@@ -9,6 +9,7 @@ per image and the network evaluations per image are recorded beside them, so cos
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -85,8 +86,6 @@ def timed_generation(pipeline: Any, samples_dir: Path, seeds: list[int], num_inf
                      gen_batch_size: int, accelerator: Any, run_info: dict, progress: bool,
                      sampler_kwargs: dict) -> dict:
     """Generate ``seeds`` (resumable) and accumulate the wall time per generated image in ``timing.json``."""
-    import json
-
     timing_path = samples_dir / TIMING_FILE
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"seconds": 0.0, "images": 0}
     before = len(finished_seeds(samples_dir) & set(seeds)) if samples_dir.exists() else 0
