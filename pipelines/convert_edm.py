@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pipelines.errors import UserInputError
 from pipelines.networks import ARCHITECTURES, network_config
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ _EDM_KWARG_NAMES = {
 }
 
 
-class EDMConversionError(ValueError):
+class EDMConversionError(UserInputError):
     """The EDM checkpoint does not match the expected layout; the message names the offending key(s)."""
 
 

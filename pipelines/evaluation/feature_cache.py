@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.errors import UserInputError
 from pipelines.evaluation.fid import DETECTOR_ID, NUM_FEATURES, InceptionDetector, compute_features
 from pipelines.evaluation.generation import SHARD_GLOB, parse_seeds, read_shard
 from pipelines.utils import (
@@ -38,7 +39,7 @@ CONTENT_PROBE = 64
 CHUNK_SIZE = 1024
 
 
-class FingerprintMismatchError(ValueError):
+class FingerprintMismatchError(UserInputError):
     """Cached statistics or features were computed for a different dataset/split/subsample."""
 
 

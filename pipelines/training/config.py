@@ -20,6 +20,7 @@ from typing import Any
 
 from pipelines.cli import json_object_arg
 from pipelines.components.preconditioning import PRECONDITIONINGS
+from pipelines.errors import UserInputError
 
 # Table 1 of the paper: images seen per architecture, in thousands.
 PAPER_DURATION_KIMG = {"adm": 30106.0, "ddpmpp": 60211.0, "ncsnpp": 60211.0}
@@ -46,7 +47,7 @@ OUTPUT = "checkpoints, logging, export"
 MODEL, RUN, DISPLAY = "model", "run", "display"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A bad argument or input, found before training starts; the message names the flag or file."""
 
 
