@@ -78,30 +78,43 @@ def free_port():
 # launching
 
 
-def test_multi_cpu_config_runs_two_processes_through_accelerate_launch(datasets, tmp_path):
-    out = tmp_path / "ddp"
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            "accelerate_configs/multi_cpu_2proc.yaml", "--main_process_port", str(free_port()), "train_unconditional.py",
-            "--dataset", datasets["frames16"], "--output_dir", str(out), "--arch", "ddpmpp",
+def accelerate_launch_training(config, dataset, out):
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--main_process_port", str(free_port()), "train_unconditional.py",
+            "--dataset", dataset, "--output_dir", str(out), "--arch", "ddpmpp",
             "--network_overrides", json.dumps(tiny_overrides()), "--batch_size", "8", "--duration_kimg", "0.016",
             "--lr_rampup_kimg", "0", "--num_sample_images", "0", "--report_to", "none",
             "--dataloader_num_workers", "0", "--no_progress_bar", "--mixed_precision", "no"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MASTER_", "WORLD_SIZE"))}
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_multi_cpu_config_runs_two_processes_through_accelerate_launch(datasets, tmp_path):
+    config = REPO / "accelerate_configs" / "multi_cpu_2proc.yaml"
+    proc = accelerate_launch_training(config, datasets["frames16"], tmp_path / "ddp")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    store = training_checkpoints(out)
+    store = training_checkpoints(tmp_path / "ddp")
     assert store.read_state(store.latest())["world_size"] == 2
-    assert json.loads((out / "run_info.json").read_text())["world_size"] == 2  # what the card states
+    assert json.loads((tmp_path / "ddp" / "run_info.json").read_text())["world_size"] == 2  # what the card states
+    # The same config without mpirun: accelerate starts one process, which refuses to train alone.
+    text = config.read_text()
+    without_mpirun = tmp_path / "no_mpirun.yaml"
+    without_mpirun.write_text(re.sub(r"mpirun_config:\n  mpirun_hostfile: .*\n", "", text))
+    assert "mpirun_hostfile" in text and "mpirun_hostfile" not in without_mpirun.read_text()
+    proc = accelerate_launch_training(without_mpirun, datasets["frames16"], tmp_path / "alone")
+    assert proc.returncode != 0
+    assert "error: accelerate launch: the config asks for several CPU processes but started one" in proc.stderr
+    assert not training_checkpoints(tmp_path / "alone").checkpoints()
 
 
 def test_a_launch_that_started_fewer_processes_than_asked_is_refused(monkeypatch):
     for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # launched by `accelerate launch` ...
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # launched on the CPU by `accelerate launch` ...
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     check_launched_world_size(1)  # ... with a one-process config: fine
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # ... with a config of several processes
-    with pytest.raises(ConfigError, match="asks for several processes but started one.*mpirun"):
+    with pytest.raises(ConfigError, match="asks for several CPU processes but started one.*mpirun"):
         check_launched_world_size(1)
     check_launched_world_size(2)
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun / mpirun said so: the count comes from the launcher

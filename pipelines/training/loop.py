@@ -189,17 +189,18 @@ def open_dataset(cfg: TrainConfig):
 
 
 def check_launched_world_size(num_processes: int) -> None:
-    """Refuses a launch that started fewer processes than it was asked for. ``accelerate launch`` sets
-    MASTER_ADDR only when its config asks for several processes, and starts several CPU processes only
-    through mpirun: without ``mpirun_config`` a MULTI_CPU config runs one process, silently."""
-    launched = "ACCELERATE_MIXED_PRECISION" in os.environ  # what `accelerate launch` exports to its processes
+    """Refuses a CPU launch that started fewer processes than it was asked for. ``accelerate launch`` starts
+    several CPU processes only through mpirun: without ``mpirun_config`` a MULTI_CPU config runs one process,
+    silently, though its launcher sets MASTER_ADDR (which it does only for a config of several processes)."""
+    launched_on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"  # exported by `accelerate launch`
     started_one = num_processes == 1 and not any(os.environ.get(k) for k in ("WORLD_SIZE", "PMI_SIZE",
                                                                              "OMPI_COMM_WORLD_SIZE"))
-    if launched and os.environ.get("MASTER_ADDR") and started_one:
+    if launched_on_cpu and os.environ.get("MASTER_ADDR") and started_one:
         raise ConfigError(
-            "accelerate launch: the config asks for several processes but started one (a MULTI_CPU config needs "
+            "accelerate launch: the config asks for several CPU processes but started one (a MULTI_CPU config needs "
             "mpirun: give its mpirun_config.mpirun_hostfile, as accelerate_configs/multi_cpu_2proc.yaml does, or "
-            "start the processes with torchrun --nproc_per_node N train_unconditional.py --cpu ...)")
+            "start the processes with torchrun --nproc_per_node N train_unconditional.py --cpu ...; a MASTER_ADDR "
+            "set in your shell for a one-process run: unset it)")
 
 
 def warn_short_warmup(cfg: TrainConfig) -> None:
