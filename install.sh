@@ -23,3 +23,13 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
          "everything else is installed; the app's browser test (tests/test_app.py) fails until one is" >&2
   fi
 fi
+# `accelerate launch` starts several CPU processes only through mpirun (accelerate_configs/multi_cpu_2proc.yaml);
+# install Debian's MPICH the same way (no apt or not root: say so; only that config and its test need it).
+if ! command -v mpirun >/dev/null 2>&1 && ! command -v mpiexec >/dev/null 2>&1; then
+  if ! { command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && apt-get update -qq &&
+          DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mpich >/dev/null; }; then
+    echo "install.sh: no mpirun on PATH and apt-get could not install mpich (needs Debian as root); everything" \
+         "else is installed; accelerate_configs/multi_cpu_2proc.yaml (and its test in tests/test_training_safety.py)" \
+         "fails until an MPI is installed (or use torchrun, docs/training.md)" >&2
+  fi
+fi

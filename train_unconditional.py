@@ -9,6 +9,7 @@ duration from Table 1). The run resumes with ``--resume_from_checkpoint latest``
 ``DiffusionPipeline`` folder (EMA weights) in ``<output_dir>/pipeline``. See docs/training.md.
 """
 
+import logging
 import sys
 
 from pipelines.training import ConfigError, TrainConfig, train
@@ -20,7 +21,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return config_from_cli_args(argv, description=__doc__)
 
 
+def configure_logging() -> None:
+    """As diffusers' training scripts do: timestamped records; EchoDiff's at INFO, the libraries' warnings only."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.WARNING)
+    logging.getLogger("pipelines").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None):
+    configure_logging()
     return train(parse_args(argv))
 
 

@@ -44,6 +44,18 @@ def is_complete_checkpoint(path: Path, state_file: str) -> bool:
     return path.is_dir() and (path / state_file).is_file() and not path.name.startswith(TMP_PREFIX)
 
 
+def read_state_file(file: Path) -> dict[str, Any]:
+    """A checkpoint's JSON state; a damaged one is a ConfigError naming it."""
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{file}: not a readable checkpoint state ({err}); the checkpoint is damaged, "
+                          f"resume from another one") from err
+    if not isinstance(state, dict):
+        raise ConfigError(f"{file}: expected a JSON object, got {type(state).__name__}; the checkpoint is damaged")
+    return state
+
+
 @dataclass(frozen=True)
 class CheckpointStore:
     """Numbered checkpoint folders ``root/<prefix><number, zero-padded to digits>``."""
@@ -76,7 +88,7 @@ class CheckpointStore:
         return found[-1][1] if found else None
 
     def read_state(self, path: Path) -> dict[str, Any]:
-        return json.loads((Path(path) / self.state_file).read_text())
+        return read_state_file(Path(path) / self.state_file)
 
     def remove_partial(self) -> list[Path]:
         """Deletes the leftovers of killed saves (call it from one process only)."""
@@ -103,13 +115,7 @@ class CheckpointStore:
         """Writes the state file last, fsyncs, renames the temporary folder into place, prunes old ones."""
         tmp, final = self.temp_path(number), self.path(number)
         (tmp / self.state_file).write_text(json.dumps(state, indent=2))
-        fsync_tree(tmp)
-        trash = self.root / f"{TMP_PREFIX}replaced-{final.name}"
-        if final.exists():  # the same point saved again (e.g. reached again after resuming from an older one)
-            os.rename(final, trash)
-        os.rename(tmp, final)
-        fsync_dir(self.root)
-        shutil.rmtree(trash, ignore_errors=True)
+        replace_folder(tmp, final)  # the same point saved again (e.g. reached after resuming from an older one)
         if total_limit is not None:
             for _, old in self.checkpoints()[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -120,6 +126,18 @@ class CheckpointStore:
         """One-process save: ``write(temporary folder)`` puts the files in, then :meth:`commit`."""
         write(self.begin(number))
         return self.commit(number, state, total_limit)
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """fsyncs the finished folder ``tmp`` and renames it to ``final`` (replacing an existing one): a kill
+    leaves either the old folder or the new one complete, plus ``.tmp-`` leftovers that ``remove_partial`` deletes."""
+    fsync_tree(tmp)
+    trash = final.parent / f"{TMP_PREFIX}replaced-{final.name}"
+    if final.exists():
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def epoch_checkpoints(out_dir: str | os.PathLike) -> CheckpointStore:
@@ -193,20 +211,97 @@ def save_training_checkpoint(accelerator, store: CheckpointStore, ema, state: di
     return store.path(number)
 
 
-def load_training_checkpoint(accelerator, path: Path, ema, phema=None) -> dict[str, Any]:
+def load_training_checkpoint(accelerator, path: Path, ema, phema=None, accept_inexact: bool = False) -> dict[str, Any]:
     """Restores model, optimizer, grad scaler and RNG states (accelerate), the EMA, and returns the progress
-    (``path``: a complete checkpoint, as ``train`` checks before it builds anything)."""
-    state = json.loads((path / TRAINING_STATE_FILE).read_text())
-    if not (path / f"random_states_{accelerator.process_index}.pkl").is_file():
-        logger.warning("%s: no RNG state for process %d (different process count); dropout streams restart",
-                       path, accelerator.process_index)
-    accelerator.load_state(str(path))
-    ema.load(str(path / EMA_FILE))
+    (``path``: a complete checkpoint, as ``train`` checks before it builds anything). A damaged file is a
+    ConfigError naming it; an RNG state that cannot be restored is one too, unless ``accept_inexact``."""
+    state = read_state_file(path / TRAINING_STATE_FILE)
+    missing = [key for key in ("images_seen", "step", "nonfinite_steps", "world_size") if key not in state]
+    if missing:
+        raise ConfigError(f"{path / TRAINING_STATE_FILE}: missing {missing}; the checkpoint is damaged")
+    _check_rng_state(accelerator, path, state["world_size"], accept_inexact)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:  # accelerate does not say which file failed: find it
+        raise ConfigError(_load_failure(path, err)) from err
+    _load_weights(ema.load, path / EMA_FILE)
     if phema is not None:
         if not (path / PHEMA_FILE).is_file():
             raise ConfigError(f"--resume_from_checkpoint {path}: no {PHEMA_FILE} (a run without --phema)")
-        phema.load(str(path / PHEMA_FILE))
+        _load_weights(phema.load, path / PHEMA_FILE)
     return state
+
+
+def _check_rng_state(accelerator, path: Path, saved_world_size: int, accept_inexact: bool) -> None:
+    """accelerate only logs (at INFO) an RNG state it cannot load; the dropout streams would then silently restart."""
+    from accelerate.utils.other import load
+
+    file = path / f"random_states_{accelerator.process_index}.pkl"
+    if saved_world_size != accelerator.num_processes:
+        logger.warning("%s was saved by %d processes, this run has %d: the dropout streams restart, so the run is "
+                       "not the uninterrupted one", path, saved_world_size, accelerator.num_processes)
+        return
+    try:
+        load(file)  # accelerate's own reader (weights_only, numpy's RNG allow-listed)
+        return
+    except Exception as err:
+        problem = f"{file}: cannot restore the RNG state ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    if not accept_inexact:
+        raise ConfigError(f"{problem}; resuming would not continue the run exactly. Resume from another checkpoint, "
+                          f"or pass --accept_inexact_resume to go on with fresh random streams")
+    logger.warning("%s; --accept_inexact_resume: going on with fresh random streams (not the uninterrupted run)",
+                   problem)
+
+
+def _load_weights(load: Callable[[str], None], file: Path) -> None:
+    try:
+        load(str(file))
+    except Exception as err:
+        raise ConfigError(f"{file}: cannot be loaded ({_first_line(err)}); the checkpoint is damaged or from "
+                          f"another model") from err
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's type and its first two lines (torch's load_state_dict puts the detail on the second)."""
+    text = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def _load_failure(path: Path, err: BaseException) -> str:
+    """The message for a failed ``accelerator.load_state``: the first file that does not read, else the model's fit."""
+    from accelerate.utils.other import load
+
+    readers = [(path / "model.safetensors", load_file)] + [(file, load) for file in sorted(path.glob("*.bin"))]
+    for file, read in readers:
+        if not file.is_file():
+            return f"--resume_from_checkpoint {path}: {file.name} is missing; the checkpoint is damaged"
+        try:
+            read(str(file))
+        except Exception as read_err:
+            return f"{file}: cannot be read ({_first_line(read_err)}); the checkpoint is damaged"
+    return (f"{path / 'model.safetensors'}: does not fit this run's network ({_first_line(err)}); was it trained "
+            f"on another resolution or channel count?")
+
+
+def check_resume_data(state: dict[str, Any], data: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    """Refuses a checkpoint of another image size, or one already past ``--duration_kimg``; another dataset
+    (``data``: this run's ``resolution``, ``channels``, ``dataset_fingerprint``) needs ``--accept_inexact_resume``."""
+    for key in ("resolution", "channels"):
+        if key in state and state[key] != data[key]:
+            raise ConfigError(f"--resume_from_checkpoint {path}: it was trained on {key} {state[key]}, the dataset "
+                              f"{cfg.dataset} has {data[key]}")
+    saved = state.get("dataset_fingerprint")
+    if saved is not None and saved != data["dataset_fingerprint"]:
+        message = (f"--resume_from_checkpoint {path}: --dataset {cfg.dataset} is not the dataset the checkpoint "
+                   f"trained on (fingerprint {data['dataset_fingerprint'][:12]}, saved {saved[:12]})")
+        if not cfg.accept_inexact_resume:
+            raise ConfigError(message + "; pass --accept_inexact_resume to continue on it anyway")
+        logger.warning("%s; --accept_inexact_resume: continuing on it", message)
+    saved_duration = state.get("config", {}).get("duration_kimg")
+    if state.get("images_seen", 0) >= cfg.duration_nimg and saved_duration != cfg.duration_nimg / 1000:
+        raise ConfigError(f"--duration_kimg {cfg.duration_nimg / 1000:g}: the checkpoint {path.name} has already "
+                          f"trained {state['images_seen'] / 1000:g} kimg (its run: {saved_duration} kimg); ask for "
+                          f"a longer duration, or use its exported pipeline")
 
 
 def check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -144,6 +145,11 @@ class TrainConfig:
                                                   default_text="keep all", at_least=1)
     resume_from_checkpoint: str | None = _option(None, help="'latest' or a checkpoint folder", group=OUTPUT,
                                                  default_text="start a new run")
+    accept_inexact_resume: bool = _option(
+        False, help="resume even when the checkpoint cannot restore the run exactly (a missing or unreadable RNG "
+        "state, another dataset)", group=OUTPUT)
+    overwrite: bool = _option(False, help="start a new run in an --output_dir that holds another run, deleting it",
+                              group=OUTPUT)
     snapshot_kimg: float = _option(2500.0, help="sample grid every N kimg", group=OUTPUT, above=0)
     save_pipeline_at_snapshot: bool = _option(False, help="also save a pipeline under snapshots/ at each snapshot",
                                               group=OUTPUT)
@@ -384,6 +390,8 @@ def _check_bounds(name: str, value: Any, above: float | None, at_least: float | 
     for item in value if isinstance(value, tuple) else (value,):
         if item is None:
             continue  # an optional setting left unset
+        if isinstance(item, float) and not math.isfinite(item):  # inf would pass "> 0" and overflow later
+            raise ConfigError(f"--{name}: expected a finite number, got {item}")
         if (above is not None and not item > above) or (at_least is not None and not item >= at_least) or (
                 below is not None and not item < below):
             wanted = " and ".join(text for bound, text in ((above, f"> {above}"), (at_least, f">= {at_least}"),

@@ -8,12 +8,14 @@ from, so the card can be rendered again later without reading README.md.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipelines.training.checkpoints import TMP_PREFIX, replace_folder
 from pipelines.utils import atomic_write_json, image_grid, save_image_grid, to_uint8
 
 RUN_INFO_FILE = "run_info.json"
@@ -100,8 +102,12 @@ def export_pipelines(cfg, ema, sampling_net, scheduler, output_dir: Path, run_in
     for index, half_life in enumerate(cfg.ema_halflife_kimg):
         target = output_dir / ("pipeline" if index == 0 else f"pipeline_ema{half_life:g}kimg")
         ema.copy_to(sampling_net, index)
-        sampling_pipeline(sampling_net, scheduler).save_pretrained(str(target))
-        hub.write_model_card(target, repo_id, sections=[training_card_section(run_info, half_life)])
+        # Written aside and renamed into place, as checkpoints are: a kill never leaves a half-written pipeline.
+        tmp = output_dir / f"{TMP_PREFIX}{target.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        sampling_pipeline(sampling_net, scheduler).save_pretrained(str(tmp))
+        hub.write_model_card(tmp, repo_id, sections=[training_card_section(run_info, half_life)])
+        replace_folder(tmp, target)
         dirs.append(target)
     return dirs
 

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
-import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 
 from pipelines.ema import EDMEma
 from pipelines.phema import SNAPSHOT_DIR, PowerFunctionEMA, remove_partial_snapshots
 from pipelines.training.checkpoints import (
+    TMP_PREFIX,
     CheckpointStore,
     check_resume_compatible,
+    check_resume_data,
     is_complete_checkpoint,
     load_training_checkpoint,
     save_training_checkpoint,
@@ -37,12 +42,20 @@ from pipelines.training.data_order import (
     chunk_positions,
     collate_images,
 )
-from pipelines.training.export import export_pipelines, new_sampling_net, sampling_pipeline, save_snapshot
+from pipelines.training.export import (
+    RUN_INFO_FILE,
+    export_pipelines,
+    new_sampling_net,
+    sampling_pipeline,
+    save_snapshot,
+)
 from pipelines.training.precision import check_device_precision, resolve_mixed_precision
 from pipelines.training.stats import TrainStats
 from pipelines.training.step import build_adam, build_components, learning_rate, train_step
+from pipelines.utils import atomic_write_text
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # accelerate's: each message once (main process), not once per process
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -65,16 +78,25 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
     validate_config(cfg)
     cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cfg.cpu))
     accelerator = _make_accelerator(cfg)
+    check_launched_world_size(accelerator.num_processes)
     layout = batch_layout(cfg.batch_size, accelerator.num_processes, cfg.batch_per_gpu)
     dataset = open_dataset(cfg)
+    data = {"resolution": dataset.resolution, "channels": dataset.channels,
+            "dataset_fingerprint": dataset_fingerprint(dataset)}
     store = training_checkpoints(cfg.output_dir)
-    resume_path = _resume_path(cfg, store)
-    _prepare_output_dir(accelerator, Path(cfg.output_dir), store)
+    resume_path = _resume_path(cfg, store, data)
+    if resume_path is None:
+        _check_no_other_run(cfg, store)
+    _prepare_output_dir(accelerator, cfg, store, new_run=resume_path is None)
     parts = _build_training(cfg, accelerator, dataset.resolution, dataset.channels)
-    progress = _Progress(nonfinite_now=torch.zeros((), dtype=torch.long, device=accelerator.device))
+    progress = _Progress(data, nonfinite_now=torch.zeros((), dtype=torch.long, device=accelerator.device))
     if resume_path is not None:
-        progress.restore(load_training_checkpoint(accelerator, resume_path, parts.ema, parts.phema))
-        logger.info("resumed from %s at %.3f kimg (step %d)", resume_path, progress.images_seen / 1000, progress.step)
+        progress.restore(load_training_checkpoint(accelerator, resume_path, parts.ema, parts.phema,
+                                                  cfg.accept_inexact_resume))
+        accelerator.print(f"resuming from {resume_path.name} at {progress.images_seen / 1000:g} kimg "
+                          f"(step {progress.step}) of {cfg.duration_nimg / 1000:g} kimg")
+    _truncate_metrics(accelerator, Path(cfg.output_dir), progress.step)
+    warn_short_warmup(cfg)
     batches = _batches(cfg, dataset, layout, accelerator, progress.step)
     run_info = _run_info(cfg, accelerator, layout, dataset, parts.net)
     accelerator.init_trackers(cfg.tracker_project_name,
@@ -116,6 +138,12 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
     accelerator.end_training()
     return TrainResult(Path(cfg.output_dir), pipeline_dirs, progress.images_seen, progress.step,
                        progress.nonfinite_total(), last_checkpoint, accelerator.num_processes, meter.history)
+
+
+def final_images(cfg: TrainConfig, images_seen: int) -> int:
+    """Images seen when the run ends: whole batches from ``images_seen`` until --duration_kimg is reached."""
+    remaining = max(cfg.duration_nimg - images_seen, 0)
+    return images_seen + -(-remaining // cfg.batch_size) * cfg.batch_size
 
 
 def crossed_interval(before_nimg: int, after_nimg: int, every_kimg: float) -> bool:
@@ -160,7 +188,40 @@ def open_dataset(cfg: TrainConfig):
     return dataset
 
 
-def _resume_path(cfg: TrainConfig, store: CheckpointStore) -> Path | None:
+def check_launched_world_size(num_processes: int) -> None:
+    """Refuses a CPU launch that started fewer processes than it was asked for. ``accelerate launch`` starts
+    several CPU processes only through mpirun: without ``mpirun_config`` a MULTI_CPU config runs one process,
+    silently, though its launcher sets MASTER_ADDR (which it does only for a config of several processes)."""
+    launched_on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"  # exported by `accelerate launch`
+    started_one = num_processes == 1 and not any(os.environ.get(k) for k in ("WORLD_SIZE", "PMI_SIZE",
+                                                                             "OMPI_COMM_WORLD_SIZE"))
+    if launched_on_cpu and os.environ.get("MASTER_ADDR") and started_one:
+        raise ConfigError(
+            "accelerate launch: the config asks for several CPU processes but started one (a MULTI_CPU config needs "
+            "mpirun: give its mpirun_config.mpirun_hostfile, as accelerate_configs/multi_cpu_2proc.yaml does, or "
+            "start the processes with torchrun --nproc_per_node N train_unconditional.py --cpu ...; a MASTER_ADDR "
+            "set in your shell for a one-process run: unset it)")
+
+
+def warn_short_warmup(cfg: TrainConfig) -> None:
+    """EDM's 10 Mimg warm-up is longer than any short run: such a run would end at a tiny learning rate."""
+    if cfg.lr_rampup_kimg * 1000 > cfg.duration_nimg:
+        final = learning_rate(cfg, cfg.duration_nimg)
+        logger.warning(
+            f"--lr_rampup_kimg {cfg.lr_rampup_kimg:g} is longer than --duration_kimg {cfg.duration_nimg / 1000:g}: "
+            f"the learning rate only reaches {final:.3g} of --lr {cfg.lr:g} and the model may learn nothing; "
+            f"pass a shorter --lr_rampup_kimg (e.g. {cfg.duration_nimg / 1000 / 10:g}, a tenth of the run)")
+
+
+def dataset_fingerprint(dataset, samples: int = 16) -> str:
+    """A content fingerprint of a frame dataset: its size, resolution and ``samples`` evenly spaced frames."""
+    indices = sorted({int(i) for i in torch.linspace(0, len(dataset) - 1, samples).round().tolist()})
+    digest = hashlib.sha256(f"{len(dataset)}:{dataset.resolution}:{dataset.channels}".encode())
+    digest.update(dataset.images_uint8(indices).tobytes())
+    return digest.hexdigest()
+
+
+def _resume_path(cfg: TrainConfig, store: CheckpointStore, data: dict[str, Any]) -> Path | None:
     """The checkpoint to resume from (checked against ``cfg``), or None for a new run."""
     if cfg.resume_from_checkpoint is None:
         return None
@@ -169,18 +230,74 @@ def _resume_path(cfg: TrainConfig, store: CheckpointStore) -> Path | None:
         raise ConfigError(f"--resume_from_checkpoint {path}: not a complete checkpoint folder (expected a folder "
                           f"with {store.state_file}, written by this script)")
     if path is None:
-        logger.info("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", store.root)
+        logger.info(f"--resume_from_checkpoint latest: no checkpoint in {store.root}, starting a new run")
         return None
-    check_resume_compatible(store.read_state(path)["config"], cfg, path)
+    state = store.read_state(path)
+    if not isinstance(state.get("config"), dict):
+        raise ConfigError(f"{path / store.state_file}: no run config; the checkpoint is damaged")
+    check_resume_compatible(state["config"], cfg, path)
+    check_resume_data(state, data, cfg, path)
     return path
 
 
-def _prepare_output_dir(accelerator, output_dir: Path, store: CheckpointStore) -> None:
+# What a finished or running training run leaves in its output_dir (besides logs).
+_RUN_OUTPUTS = ("pipeline", RUN_INFO_FILE, SNAPSHOT_DIR, "samples", "snapshots")
+
+
+def _other_run_outputs(cfg: TrainConfig, store: CheckpointStore) -> list[str]:
+    output_dir = Path(cfg.output_dir)
+    found = [str(path.relative_to(output_dir)) for _, path in store.checkpoints()]
+    found += [name for name in _RUN_OUTPUTS if (output_dir / name).exists()]
+    found += sorted(p.name for p in output_dir.glob("pipeline_ema*kimg"))
+    return found
+
+
+def _check_no_other_run(cfg: TrainConfig, store: CheckpointStore) -> None:
+    """A new run must not overwrite another run's checkpoints and pipeline (and leave its later checkpoints,
+    which ``latest`` would resume) unless --overwrite."""
+    found = _other_run_outputs(cfg, store)
+    if found and not cfg.overwrite:
+        shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        raise ConfigError(f"--output_dir {cfg.output_dir} holds another run ({shown}); pass "
+                          f"--resume_from_checkpoint latest to continue it, --overwrite to delete it and start "
+                          f"anew, or another --output_dir")
+
+
+def _prepare_output_dir(accelerator, cfg: TrainConfig, store: CheckpointStore, new_run: bool) -> None:
+    output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
+        if new_run and cfg.overwrite:
+            for name in _other_run_outputs(cfg, store) + ["checkpoints", "logs"]:
+                path = output_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)
         store.remove_partial()
         remove_partial_snapshots(output_dir / SNAPSHOT_DIR)
+        for leftover in output_dir.glob(f"{TMP_PREFIX}*"):  # an export killed before its rename
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _truncate_metrics(accelerator, output_dir: Path, step: int) -> None:
+    """Drops the lines logged after ``step`` (by a run killed after its last checkpoint), so a resumed
+    run does not log those steps twice."""
+    path = output_dir / "logs" / METRICS_FILE
+    if accelerator.is_main_process and path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(kept))
+    accelerator.wait_for_everyone()
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line cut by the kill
+        return None
 
 
 @dataclass
@@ -238,6 +355,7 @@ def _run_info(cfg: TrainConfig, accelerator, layout: BatchLayout, dataset, net) 
 
 @dataclass
 class _Progress:
+    data: dict[str, Any]  # the dataset's resolution, channels and fingerprint, recorded in each checkpoint
     nonfinite_now: torch.Tensor  # this session's count of non-finite steps, on the device (read at log points)
     images_seen: int = 0
     step: int = 0
@@ -252,7 +370,7 @@ class _Progress:
     def state(self, cfg: TrainConfig, accelerator) -> dict[str, Any]:
         """What a checkpoint records besides the tensors."""
         return {"images_seen": self.images_seen, "step": self.step, "nonfinite_steps": self.nonfinite_total(),
-                "world_size": accelerator.num_processes, "config": cfg.to_dict()}
+                "world_size": accelerator.num_processes, **self.data, "config": cfg.to_dict()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,7 +387,9 @@ class _Meter:
         self.cfg, self.accelerator, self.progress = cfg, accelerator, progress
         self.stats = TrainStats(accelerator.device)
         self.history: list[dict[str, float]] = []
-        self.bar = tqdm(total=cfg.duration_nimg / 1000, initial=progress.images_seen / 1000, unit="kimg",
+        # Counted in images (integers, no float drift), shown in kimg; it ends where the run ends: at the
+        # first whole batch past --duration_kimg.
+        self.bar = tqdm(total=final_images(cfg, progress.images_seen), initial=progress.images_seen, unit_scale=1e-3,
                         bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} kimg [{elapsed}<{remaining}]{postfix}",
                         disable=not (cfg.progress_bar and accelerator.is_local_main_process))
         self._start_tick()
@@ -279,7 +399,7 @@ class _Meter:
 
     def advance(self, images: int) -> None:
         self.tick_images += images
-        self.bar.update(images / 1000)
+        self.bar.update(images)
 
     @contextlib.contextmanager
     def paused(self):
@@ -300,7 +420,7 @@ class _Meter:
         self.accelerator.log(logs, step=step)
         self.history.append(dict(logs, step=step))
         if self.accelerator.is_main_process:  # a plain-text copy of the scalars, appended across resumes
-            with open(Path(self.cfg.output_dir) / "logs" / "metrics.jsonl", "a") as fh:
+            with open(Path(self.cfg.output_dir) / "logs" / METRICS_FILE, "a") as fh:
                 fh.write(json.dumps(dict(logs, step=step)) + "\n")
         self.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", refresh=False)
         self._start_tick()
