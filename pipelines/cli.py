@@ -1,8 +1,47 @@
-"""Command-line value types shared by the scripts (argparse ``type=``): a bad value becomes one error line
-naming the flag. Imports nothing heavy, so ``--help`` stays fast."""
+"""The scripts' shared parser (one help format) and command-line value types (argparse ``type=``): a bad
+value becomes one error line naming the flag. Imports nothing heavy, so ``--help`` stays fast."""
 
 import argparse
 import json
+import math
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's lines (its examples) as written and shows each option's default once."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.required or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)) or not action.option_strings:
+            return text
+        shown = action.default
+        if isinstance(shown, (list, tuple)):
+            shown = ",".join(str(v) for v in shown) if shown else "none"
+        elif isinstance(shown, dict):
+            shown = json.dumps(shown)
+        return f"{text} (default: {str(shown).replace('%', '%%')})".lstrip()
+
+
+def make_parser(description: str | None = None, **kwargs) -> argparse.ArgumentParser:
+    """A script's parser: the module docstring as description, EchoDiff's help format."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
+
+
+def add_subparser(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand's parser in the same help format (argparse does not pass formatter_class down)."""
+    return subparsers.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+
+def finite_float_arg(text: str) -> float:
+    """A finite number (inf and nan would overflow durations and counts later, far from the flag)."""
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def json_object_arg(text: str) -> dict:

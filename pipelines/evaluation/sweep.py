@@ -34,10 +34,11 @@ import math
 import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from pipelines.cli import make_parser
+from pipelines.errors import run_cli
 from pipelines.training.config import (
     ConfigError,
     TrainConfig,
@@ -349,7 +350,7 @@ def write_outputs(config: SweepConfig) -> tuple[str, Path]:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(description="Table 1 sweep: train and score each run of a config")
+    parser = parser or make_parser("Table 1 sweep: train and score each run of a config")
     parser.add_argument("--config", required=True, help="sweep config (YAML or JSON), e.g. configs/sweep_demo.yaml")
     parser.add_argument("--output_dir", default=None, help="override the config's output_dir")
     parser.add_argument("--dataset", default=None, help="override the config's dataset")
@@ -367,7 +368,4 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)
