@@ -2,6 +2,7 @@
 value becomes one error line naming the flag. Imports nothing heavy, so ``--help`` stays fast."""
 
 import argparse
+import copy
 import json
 import math
 
@@ -9,18 +10,31 @@ import math
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's lines (its examples) as written and shows each option's default once."""
 
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help or "").strip() and _shown_default(action) is not None:
+            action = copy.copy(action)  # argparse prints nothing after an option without help: say its default
+            action.help = f"default: {_shown_default(action)}"
+        return super()._format_action(action)
+
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text.lower() or action.required or action.default in (None, False, argparse.SUPPRESS):
+        text, shown = action.help or "", _shown_default(action)
+        if shown is None or "default" in text.lower():
             return text
-        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)) or not action.option_strings:
-            return text
-        shown = action.default
-        if isinstance(shown, (list, tuple)):
-            shown = ",".join(str(v) for v in shown) if shown else "none"
-        elif isinstance(shown, dict):
-            shown = json.dumps(shown)
-        return f"{text} (default: {str(shown).replace('%', '%%')})".lstrip()
+        return f"{text} (default: {shown})".lstrip()
+
+
+def _shown_default(action: argparse.Action) -> str | None:
+    """An option's default as its help shows it (%-escaped), or None where there is none worth showing."""
+    if action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings:
+        return None
+    if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+        return None
+    shown = action.default
+    if isinstance(shown, (list, tuple)):
+        shown = ",".join(str(v) for v in shown) if shown else "none"
+    elif isinstance(shown, dict):
+        shown = json.dumps(shown)
+    return str(shown).replace("%", "%%")
 
 
 def make_parser(description: str | None = None, **kwargs) -> argparse.ArgumentParser:

@@ -262,3 +262,72 @@ def test_dg_export_refuses_a_non_finite_discriminator(saved, tmp_path, capsys, f
     assert exit_info.value.code == 2
     assert f"discriminator of epoch 1 under {tmp_path / 'dg' / 'checkpoints'} weight '{name}'" in capsys.readouterr().err
     assert not (tmp_path / "dg" / "pipeline").exists()
+
+
+# ---------------------------------------------------------------- the other readers of user files (docs/security.md)
+
+
+class _Payload:
+    """Unpickling this would create ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('ran')",)
+
+
+def test_accelerate_checkpoint_reads_are_weights_only(tmp_path):
+    """Resuming reads optimizer / RNG files with accelerate's ``load``: it must refuse a pickled payload, and
+    EchoDiff must register no custom checkpoint objects (those accelerate reads with weights_only=False)."""
+    import pickle
+
+    import torch
+    from accelerate.utils import load
+
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "random_states_0.pkl"
+    torch.save({"random_state": _Payload(marker)}, crafted)
+    with pytest.raises(pickle.UnpicklingError):
+        load(crafted)
+    assert not marker.exists()
+    sources = [p for p in (Path(__file__).parents[1] / "pipelines").rglob("*.py")]
+    assert sources and not [p for p in sources if "register_for_checkpointing" in p.read_text()]
+
+
+def test_npz_readers_refuse_pickled_object_arrays(tmp_path):
+    import numpy as np
+
+    from pipelines.evaluation.generation import load_images
+    from pipelines.evaluation.reference import FeatureStatistics
+
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "samples.npz"
+    np.savez(crafted, images=np.array([_Payload(marker)], dtype=object), mu=np.array([_Payload(marker)], dtype=object),
+             sigma=np.zeros(1), n=np.array(1), fingerprint=np.array("{}"))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_images(crafted)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        FeatureStatistics.load(crafted)
+    assert not marker.exists()
+
+
+def test_inception_weights_are_checked_before_torchscript_loads_them(tmp_path):
+    from pipelines.evaluation.fid import InceptionDetector
+
+    fake = tmp_path / "default_1.pt"
+    fake.write_bytes(b"not the Inception file")
+    with pytest.raises(ValueError, match="SHA-1"):
+        InceptionDetector(weights_path=fake)
+
+
+def test_sweep_config_yaml_builds_data_only(tmp_path):
+    from pipelines.evaluation.sweep import load_sweep_config
+    from pipelines.training import ConfigError
+
+    marker = tmp_path / "ran"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"dataset: !!python/object/apply:os.system ['touch {marker}']\nruns: []\n")
+    with pytest.raises(ConfigError, match="sweep.yaml: cannot parse"):
+        load_sweep_config(config)
+    assert not marker.exists()

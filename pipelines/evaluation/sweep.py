@@ -20,7 +20,9 @@ scale on a CPU (``configs/sweep_demo.yaml``) and at the paper's scale on GPUs
 (``configs/sweep_table1.yaml``): only numbers differ.
 
 With ``launcher`` set, each training is a subprocess ``<launcher> train_unconditional.py <flags>``
-(multi-GPU); generation and FID then run in this process on its default device. Without it,
+(multi-GPU); generation and FID then run in this process on its default device. ``launcher`` is a command
+line that EchoDiff runs as given (split with ``shlex``, no shell): a sweep config is a program, so run only
+configs you wrote or have read (docs/security.md). The rest of the file is data (``yaml.safe_load``). Without it,
 training runs in this process via ``pipelines.training.train`` (launch the sweep itself with
 ``accelerate launch`` to train and generate on several processes).
 """
