@@ -26,7 +26,7 @@ DEFAULT_DATASET = ("echonet-dynamic", "EchoNet-Dynamic frames (1 in 5, 64x64)")
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected a folder written by EchoDiffPipeline.save_pretrained")
+        raise MissingInputError(f"{path} not found: expected a folder written by EchoDiffPipeline.save_pretrained")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -74,7 +74,7 @@ def _metric_type(name: str) -> str:
     """'FID-50k (30 steps)' -> 'fid': the metric's leading word, lower case."""
     match = re.match(r"[A-Za-z0-9]+", name)
     if not match:
-        raise ValueError(f"metric name {name!r} must start with a letter or digit")
+        raise UserInputError(f"metric name {name!r} must start with a letter or digit")
     return match.group(0).lower()
 
 
@@ -87,7 +87,7 @@ def build_card_data(model_name: str, metrics: Mapping[str, float] | None = None,
     eval_results = []
     for name, value in (metrics or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"metrics[{name!r}] must be a number, got {value!r}")
+            raise UserInputError(f"metrics[{name!r}] must be a number, got {value!r}")
         eval_results.append(EvalResult(task_type="unconditional-image-generation", dataset_type=dataset_type,
                                        dataset_name=dataset_name, metric_type=_metric_type(name), metric_name=name,
                                        metric_value=float(value)))
@@ -122,7 +122,7 @@ def write_model_card(folder: str | os.PathLike, repo_id: str, metrics: Mapping[s
 
 def _check_repo_id(repo_id: str) -> None:
     if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
-        raise ValueError(f"repo_id must look like 'name' or 'user/name', got {repo_id!r}")
+        raise UserInputError(f"repo_id must look like 'name' or 'user/name', got {repo_id!r}")
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = True, api: HfApi | None = None,
@@ -243,10 +243,11 @@ def load_pipeline(path_or_hub_id: str | os.PathLike, device: str | None = None, 
                              "trust_remote_code=True (CLI --trust_remote_code) after reading the repository's code")
     try:
         folder = local if is_local else Path(DiffusionPipeline.download(
-            str(path_or_hub_id), revision=kwargs.get("revision"), trust_remote_code=trust_remote_code))
+            str(path_or_hub_id), revision=kwargs.get("revision"), variant=kwargs.get("variant"),
+            trust_remote_code=trust_remote_code))
     except Exception as exc:  # network, missing repo, no model_index.json: all name the id
-        raise UserInputError(f"'{path_or_hub_id}' could not be downloaded as a pipeline "
-                             f"({type(exc).__name__}: {exc})") from exc
+        raise UserInputError(f"'{path_or_hub_id}' could not be loaded as a pipeline (download failed: "
+                             f"{type(exc).__name__}: {exc})") from exc
     check_model_index(folder)
     try:
         pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)

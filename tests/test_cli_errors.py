@@ -131,6 +131,8 @@ CASES = {
         "--dataset", w["frames"], "--generated", f"Pre-DG={w['root'] / 'no-samples'}", "--output_dir",
         str(w["root"] / "d")], "no-samples"),
     "demo: --duration_kimg inf": ("demo", lambda w: ["--duration_kimg", "inf"], "--duration_kimg"),
+    "demo: --num_generated 1": ("demo", lambda w: ["--num_generated", "1", "--output_dir", str(w["root"] / "demo")],
+                                "num_generated"),
     "app: --port not a number": ("app", lambda w: ["--port", "http"], "--port"),
 }
 
