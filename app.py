@@ -11,10 +11,11 @@ A browser page to sample a saved pipeline: seeds, steps, churn, Discriminator Gu
 a discriminator; downloads the PNGs and a uint8 NPZ. See pipelines/app.py.
 """
 
-import argparse
 import os
 
 from pipelines.app import DEFAULT_MODEL, MAX_IMAGES, MAX_STEPS
+from pipelines.cli import make_parser
+from pipelines.errors import run_cli
 
 
 def _env_flag(name: str) -> bool:
@@ -23,7 +24,7 @@ def _env_flag(name: str) -> bool:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = make_parser(__doc__)
     p.add_argument("--model", default=os.environ.get("ECHODIFF_MODEL", DEFAULT_MODEL),
                    help=f"saved pipeline folder or Hub id (default: $ECHODIFF_MODEL or {DEFAULT_MODEL})")
     p.add_argument("--revision", default=os.environ.get("ECHODIFF_REVISION"),
@@ -55,4 +56,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,6 +1,6 @@
 """Memorization / privacy audit of generated frames against the training frames.
 
-    python audit_memorization.py --dataset data/echonet-frames-64 --generated samples/adm_edm_dg \
+    python audit_memorization.py --dataset data/echonet-frames-64 --generated samples/adm_edm_dg \\
         --output_dir results/audit --features pixel inception --filter
 
 For each generated frame: its nearest training frame (pixel correlation and/or Inception cosine), a
@@ -9,12 +9,13 @@ rate, the most-matched training videos, closest_pairs.png, summary.json (+ audit
 model card) and, with --filter, filtered.npz holding only the generated frames under the threshold.
 """
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipelines.cli import finite_float_arg, make_parser
+from pipelines.errors import run_cli
 from pipelines.evaluation.feature_cache import ArrayFrames
 from pipelines.evaluation.memorization import (
     COMBINE_RULES,
@@ -30,7 +31,7 @@ TRAIN_KEY, HELDOUT_KEY, GENERATED_KEY = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--dataset", required=True, help="frame dataset folder (build_frame_dataset) or Hub id")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--heldout_splits", nargs="+", default=["validation"],
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", nargs="+", default=["pixel"], choices=FEATURE_SPACES)
     parser.add_argument("--combine", default="any", choices=COMBINE_RULES,
                         help="with several feature spaces: flag when any / all thresholds are exceeded")
-    parser.add_argument("--percentile", type=float, default=95.0)
+    parser.add_argument("--percentile", type=finite_float_arg, default=95.0)
     parser.add_argument("--filter", action="store_true", help="write filtered.npz (unflagged generated frames)")
     parser.add_argument("--num_pairs", type=int, default=16, help="closest pairs in the PNG grid and JSON")
     parser.add_argument("--max_heldout", type=int, default=None, help="seeded subset of held-out frames")
@@ -105,4 +106,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

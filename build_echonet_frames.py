@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the EchoNet-Dynamic frame dataset (Hugging Face `datasets`, save_to_disk), optionally push it.
 
-    python build_echonet_frames.py --echonet_dir /data/EchoNet-Dynamic --output_dir data/echonet-frames-64 \
+    python build_echonet_frames.py --echonet_dir /data/EchoNet-Dynamic --output_dir data/echonet-frames-64 \\
         --resolution 64 --frame_stride 5 --num_workers 2
 
 With the full dataset and the defaults the build prints a total of 358,259 frames (also in
@@ -10,18 +10,18 @@ Pushing (private) needs --push_to_hub USER/NAME --agree_to_research_use_agreemen
 research-use agreement forbids redistribution.
 """
 
-import argparse
-
+from pipelines.cli import finite_float_arg, make_parser
 from pipelines.data.frame_builder import (
     DEFAULT_RESIZE_FILTER,
     RESIZE_FILTERS,
     build_frame_dataset,
     push_frame_dataset,
 )
+from pipelines.errors import run_cli
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--echonet_dir", required=True, help="folder with Videos/, FileList.csv, VolumeTracings.csv")
     parser.add_argument("--output_dir", required=True, help="output folder (save_to_disk layout)")
     parser.add_argument("--resolution", type=int, default=64, help="64 (paper), 112 = native")
@@ -30,7 +30,7 @@ def main(argv=None):
     parser.add_argument("--splits", nargs="+", default=None, help="subset of train validation test (default all)")
     parser.add_argument("--num_workers", type=int, default=2, help="decoding processes")
     parser.add_argument("--max_videos", type=int, default=None, help="only the first N videos (quick tries)")
-    parser.add_argument("--max_bad_fraction", type=float, default=0.01,
+    parser.add_argument("--max_bad_fraction", type=finite_float_arg, default=0.01,
                         help="fail when more than this fraction of videos is unusable")
     parser.add_argument("--overwrite", action="store_true", help="rebuild an existing output folder")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="push to this (private) dataset repo")
@@ -53,4 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -2,7 +2,7 @@
 
 Examples:
   python convert_edm_checkpoint.py edm_net.pt out/ddpmpp-converted
-  PYTHONPATH=/path/to/edm python convert_edm_checkpoint.py network-snapshot-010000.pkl out/adm --arch adm
+  python convert_edm_checkpoint.py network-snapshot-010000.pkl out/adm --arch adm
 
 The name table and its rules are in docs/edm_checkpoint_mapping.md.
 """
@@ -11,7 +11,9 @@ import argparse
 import json
 import logging
 
+from pipelines.cli import make_parser
 from pipelines.convert_edm import convert_edm_checkpoint
+from pipelines.errors import run_cli
 from pipelines.networks import ARCHITECTURES
 
 
@@ -26,11 +28,11 @@ def _override(text: str) -> tuple[str, object]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Pickles execute code when loaded: a .pkl is only ever read from the path you pass here, and only "
-               "with your own EDM checkout (dnnlib, torch_utils) on PYTHONPATH. Prefer a .pt state_dict saved "
-               "with torch.save(net.state_dict(), path), which is read with torch.load(weights_only=True).",
+    parser = make_parser(
+        __doc__,
+        epilog="An EDM .pkl carries its classes' source code, which plain unpickling would run: it is read here as "
+               "data (EDM's persistence records and tensors only; any other global is refused by name), so no EDM "
+               "checkout is needed and nothing in the file runs. .pt files are read with torch.load(weights_only=True).",
     )
     parser.add_argument("checkpoint", help="EDM network: state_dict .pt/.pth, .safetensors, or network-snapshot-*.pkl")
     parser.add_argument("out_dir", help="output folder for the diffusers model (config.json + safetensors)")
@@ -49,4 +51,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

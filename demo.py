@@ -10,18 +10,17 @@ frames, computes the Optimal FID of the real frames, and leaves the sample grid,
 curve and the saved pipeline with its model card. See pipelines/demo.py.
 """
 
-import argparse
-import sys
-
+from pipelines.cli import finite_float_arg, make_parser
 from pipelines.demo import DemoConfig, run_demo, tiny_demo_config
+from pipelines.errors import run_cli
 
 
 def main(argv=None):
     d = DemoConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = make_parser(__doc__)
     p.add_argument("--output_dir", default=d.out_dir, help="results folder")
     p.add_argument("--tiny", action="store_true", help="16 px, a tiny network, a few images (a smoke test)")
-    p.add_argument("--duration_kimg", type=float, default=None, help=f"training length (default {d.duration_kimg})")
+    p.add_argument("--duration_kimg", type=finite_float_arg, default=None, help=f"training length (default {d.duration_kimg})")
     p.add_argument("--num_generated", type=int, default=None,
                    help=f"images scored per model (default {d.num_generated})")
     p.add_argument("--steps", type=int, default=None, help=f"Heun sampler steps (default {d.sampler_steps})")
@@ -41,7 +40,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)

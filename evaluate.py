@@ -14,7 +14,7 @@ Examples:
   python evaluate.py fid --model runs/edm-ddpmpp --dataset data/frames64 --seeds 0-49999
   python evaluate.py optimal-fid --dataset data/frames64 --split all
   python evaluate.py fid-vs-nfe --model runs/edm-adm --dataset data/frames64 --steps 5,10,18,30,50
-  python evaluate.py guidance-sweep --model runs/main/pipeline --guide runs/guide/pipeline --dataset data/frames64 \
+  python evaluate.py guidance-sweep --model runs/main/pipeline --guide runs/guide/pipeline --dataset data/frames64 \\
       --ag_weights 1.5,2,3 --intervals 0:inf,0.28:5.42 --seeds 0-9999
   python evaluate.py phema-sweep --run runs/edm2-s --dataset data/frames64 --ema_std 0.03,0.05,0.07,0.1,0.15
   python evaluate.py fid-vs-nfe --model runs/edm-adm --dataset data/frames64 --samplers heun,dpmpp2m,unipc
@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from pipelines.cli import (
+    add_subparser,
     float_list_arg,
     int_list_arg,
     interval_list_arg,
     json_object_arg,
+    make_parser,
     weight_pair_list_arg,
 )
+from pipelines.errors import UserInputError, run_cli
 
 SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")  # pipelines.training.precision (not imported for --help)
 
@@ -91,10 +93,10 @@ def _add_guide_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fid = sub.add_parser("fid", help="FID (+ KID) of a pipeline or an image set against the real frames")
+    fid = add_subparser(sub, "fid", help="FID (+ KID) of a pipeline or an image set against the real frames")
     fid.add_argument("--model", default=None, help="pipeline folder or Hub id to sample from")
     fid.add_argument("--images", default=None, help="instead of --model: .npz, shard folder or PNG folder")
     fid.add_argument("--seeds", default=None, help="seeds to generate/use, EDM style (default: 0-49999 with "
@@ -109,14 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference_args(fid)
     _add_common_args(fid)
 
-    opt = sub.add_parser("optimal-fid", help="FID between two seeded halves of the real frames")
+    opt = add_subparser(sub, "optimal-fid", help="FID between two seeded halves of the real frames")
     opt.add_argument("--dataset", required=True, help="frame dataset folder or Hub id")
     opt.add_argument("--split", default="all", help="split, 'all' or a comma list (default: all)")
     opt.add_argument("--seed", type=int, default=0, help="seed of the halves (default 0)")
     opt.add_argument("--max_per_half", type=int, default=None, help="cap each half (default: all frames)")
     _add_common_args(opt)
 
-    nfe = sub.add_parser("fid-vs-nfe", help="FID over sampler step counts (Figure 1)")
+    nfe = add_subparser(sub, "fid-vs-nfe", help="FID over sampler step counts (Figure 1)")
     nfe.add_argument("--steps", type=int_list_arg, default=[5, 10, 18, 30, 50],
                      help="comma list of step counts N (default 5,10,18,30,50)")
     nfe.add_argument("--no_kid", action="store_true", help="skip KID")
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference_args(nfe)
     _add_common_args(nfe)
 
-    var = sub.add_parser("variance", help="the paper's variance experiments (mean +- std)")
+    var = add_subparser(sub, "variance", help="the paper's variance experiments (mean +- std)")
     var.add_argument("--steps", type=int, default=18, help="sampler steps N (paper: 18)")
     var.add_argument("--repeats", type=int, default=10, help="repeats per experiment (paper: 10)")
     var.add_argument("--num_gen", type=int, default=50_000, help="generated images per repeat (paper: 50000)")
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference_args(var)
     _add_common_args(var)
 
-    guided = sub.add_parser("guidance-sweep", help="FID / KID over guidance weights and intervals")
+    guided = add_subparser(sub, "guidance-sweep", help="FID / KID over guidance weights and intervals")
     guided.add_argument("--steps", type=int, default=30, help="sampler steps N, the same for every row (default 30)")
     guided.add_argument("--ag_weights", type=float_list_arg, default=[],
                         help="autoguidance weights w (needs --guide or a pipeline with a guide_unet), e.g. 1.5,2,3")
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(guided, seeds_default="0-9999")
     _add_reference_args(guided)
     _add_common_args(guided)
-    phema = sub.add_parser("phema-sweep", help="FID per post-hoc EMA length of a --phema run (EDM2)")
+    phema = add_subparser(sub, "phema-sweep", help="FID per post-hoc EMA length of a --phema run (EDM2)")
     phema.add_argument("--run", required=True, help="training output_dir of a --phema run (with phema/ and pipeline/)")
     phema.add_argument("--ema_std", type=float_list_arg, default=[0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2],
                        help="comma list of relative EMA stds to reconstruct (default 0.02,0.03,0.05,0.07,0.1,0.15,0.2)")
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pipelines.evaluation import sweep as sweep_lib
 
-    sweep_lib.build_parser(sub.add_parser("sweep", help="Table 1 grid (configs/sweep_table1.yaml, configs/sweep_demo.yaml)"))
+    sweep_lib.build_parser(add_subparser(sub, "sweep", help="Table 1 grid (configs/sweep_table1.yaml, configs/sweep_demo.yaml)"))
     return parser
 
 
@@ -202,18 +204,18 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     if args.command == "fid" and args.images is not None:
         if args.model is not None:
-            raise SystemExit("give either --model or --images, not both")
+            raise UserInputError("give either --model or --images, not both")
         from pipelines.evaluation.generation import load_images
 
         if args.seeds is not None and not _has_seeds(args.images):
-            raise SystemExit(f"--seeds selects images of a shard folder; {args.images} has no generation shards")
+            raise UserInputError(f"--seeds selects images of a shard folder; {args.images} has no generation shards")
         images = load_images(args.images, seeds=args.seeds)
         result = ev.fid_of_images(images, frames, detector=InceptionDetector(device=device), kid=not args.no_kid,
                                   **common)
         result["images"] = str(args.images)
         return _finish(result, out / "fid.json")
     if args.command == "fid" and args.model is None:
-        raise SystemExit("fid needs --model (pipeline folder / Hub id) or --images (.npz, shard or PNG folder)")
+        raise UserInputError("fid needs --model (pipeline folder / Hub id) or --images (.npz, shard or PNG folder)")
 
     from accelerate import Accelerator
 
@@ -296,4 +298,4 @@ def _finish(result: dict, path: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -1,6 +1,6 @@
 """Real-vs-generated classifiers (the paper's Table 2): Linear, ResNet-18 and Aug. ResNet-18.
 
-    python evaluate_distribution_shift.py --dataset data/echonet-frames-64 \
+    python evaluate_distribution_shift.py --dataset data/echonet-frames-64 \\
         --generated Pre-DG=samples/adm_edm --generated Post-DG=samples/adm_edm_dg --output_dir results/table2
 
 Writes table.md / table.csv / results.json, per-epoch tensorboard curves and resumable per-classifier
@@ -8,11 +8,12 @@ runs under --output_dir; rerunning the same command skips finished classifiers a
 Validation accuracy 50% = real and generated frames are indistinguishable.
 """
 
-import argparse
 from pathlib import Path
 
 import torch
 
+from pipelines.cli import finite_float_arg, make_parser
+from pipelines.errors import UserInputError, run_cli
 from pipelines.evaluation.distribution_shift import (
     CLASSIFIER_NAMES,
     AugmentConfig,
@@ -27,17 +28,17 @@ def parse_generated(values: list[str]) -> dict[str, Path]:
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"--generated {value!r}: expected NAME=PATH, e.g. Pre-DG=samples/pre_dg")
+            raise UserInputError(f"--generated {value!r}: expected NAME=PATH, e.g. Pre-DG=samples/pre_dg")
         if name in sets:
-            raise SystemExit(f"--generated: the name {name!r} is given twice")
+            raise UserInputError(f"--generated: the name {name!r} is given twice")
         if not Path(path).exists():
-            raise SystemExit(f"--generated {name}: '{path}' does not exist (a shard folder, .npz or PNG folder)")
+            raise UserInputError(f"--generated {name}: '{path}' does not exist (a shard folder, .npz or PNG folder)")
         sets[name] = Path(path)
     return sets
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--dataset", required=True, help="frame dataset folder (build_frame_dataset) or Hub id")
     parser.add_argument("--split", default="train", help="split of the real frames (default train)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
@@ -48,16 +49,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifiers", nargs="+", default=list(CLASSIFIER_NAMES), choices=CLASSIFIER_NAMES)
     parser.add_argument("--num_per_class", type=int, default=50_000, help="real and generated frames each "
                                                                            "(default 50000)")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="validation fraction (default 0.1)")
+    parser.add_argument("--val_fraction", type=finite_float_arg, default=0.1, help="validation fraction (default 0.1)")
     parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=finite_float_arg, default=1e-4)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU and GPU)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--max_zoom", type=float, default=AugmentConfig.max_zoom)
-    parser.add_argument("--flip_p", type=float, default=AugmentConfig.flip_p)
-    parser.add_argument("--max_rotation", type=float, default=AugmentConfig.max_rotation_deg, help="degrees")
+    parser.add_argument("--max_zoom", type=finite_float_arg, default=AugmentConfig.max_zoom)
+    parser.add_argument("--flip_p", type=finite_float_arg, default=AugmentConfig.flip_p)
+    parser.add_argument("--max_rotation", type=finite_float_arg, default=AugmentConfig.max_rotation_deg, help="degrees")
     parser.add_argument("--no_tensorboard", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

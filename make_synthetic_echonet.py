@@ -4,14 +4,15 @@
     python make_synthetic_echonet.py --output_dir data/synthetic-echonet --num_videos 200 --seed 0
 """
 
-import argparse
 import time
 
+from pipelines.cli import make_parser
 from pipelines.data.synthetic_echonet import STYLES, write_synthetic_echonet
+from pipelines.errors import run_cli
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--output_dir", required=True, help="output folder")
     parser.add_argument("--num_videos", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -36,4 +37,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from pipelines.cli import int_list_arg, json_object_arg
+from pipelines.cli import finite_float_arg, int_list_arg, json_object_arg, make_parser
 from pipelines.components.guidance import DG_SIGMA_MIN
+from pipelines.errors import UserInputError, run_cli
 from pipelines.training.discriminator import DISCRIMINATOR_VARIANTS, SIGMA_DISTRIBUTIONS
 
 STAGES = ("train", "select", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--model", required=True, help="unguided pipeline folder or Hub id (the diffusion model)")
     p.add_argument("--dataset", required=True, help="frame dataset folder (build_frame_dataset) or Hub id")
     p.add_argument("--split", default="train", help="real frames' split (default train)")
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="first seed of generated training fakes (default 1000000, away from FID seeds)")
     data.add_argument("--num_real", type=int, default=50_000, help="real frames used (seeded subsample; default 50000)")
     data.add_argument("--num_fake", type=int, default=50_000, help="generated images used (default 50000)")
-    data.add_argument("--val_fraction", type=float, default=0.1, help="held-out fraction (default 0.1)")
+    data.add_argument("--val_fraction", type=finite_float_arg, default=0.1, help="held-out fraction (default 0.1)")
     data.add_argument("--steps", type=int, default=30, help="sampler steps for generated images (default 30)")
     data.add_argument("--gen_batch_size", type=int, default=64, help="images per pipeline call when generating "
                                                                      "(default 64)")
@@ -56,14 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = p.add_argument_group("training (defaults: the DG reference)")
     train.add_argument("--epochs", type=int, default=50, help="default 50")
     train.add_argument("--batch_size", type=int, default=128, help="global batch size (default 128)")
-    train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
-    train.add_argument("--weight_decay", type=float, default=1e-7, help="Adam weight decay (default 1e-7)")
+    train.add_argument("--lr", type=finite_float_arg, default=3e-4, help="Adam learning rate (default 3e-4)")
+    train.add_argument("--weight_decay", type=finite_float_arg, default=1e-7, help="Adam weight decay (default 1e-7)")
     train.add_argument("--sigma_dist", default="log-uniform", choices=SIGMA_DISTRIBUTIONS,
                        help="training noise levels (default log-uniform over [--sigma_min, --sigma_max])")
-    train.add_argument("--sigma_min", type=float, default=0.002, help="default 0.002")
-    train.add_argument("--sigma_max", type=float, default=80.0, help="default 80")
-    train.add_argument("--p_mean", type=float, default=-1.2, help="log-normal: mean of ln(sigma) (default -1.2)")
-    train.add_argument("--p_std", type=float, default=1.2, help="log-normal: std of ln(sigma) (default 1.2)")
+    train.add_argument("--sigma_min", type=finite_float_arg, default=0.002, help="default 0.002")
+    train.add_argument("--sigma_max", type=finite_float_arg, default=80.0, help="default 80")
+    train.add_argument("--p_mean", type=finite_float_arg, default=-1.2, help="log-normal: mean of ln(sigma) (default -1.2)")
+    train.add_argument("--p_std", type=finite_float_arg, default=1.2, help="log-normal: std of ln(sigma) (default 1.2)")
     train.add_argument("--val_buckets", type=int, default=8, help="sigma buckets for validation accuracy (default 8)")
     train.add_argument("--seed", type=int, default=0, help="default 0")
     sel = p.add_argument_group("epoch selection (FID of DG samples) and DG settings")
@@ -74,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "(default 50000)")
     sel.add_argument("--cache_dir", default=None, help="FID feature / statistics cache")
     sel.add_argument("--fid_batch_size", type=int, default=32, help="Inception batch size (default 32)")
-    sel.add_argument("--dg_weight_first_order", type=float, default=5.0, help="paper: 5 (default)")
-    sel.add_argument("--dg_weight_second_order", type=float, default=0.0, help="paper: 0 (default)")
-    sel.add_argument("--dg_boost", type=float, default=2.0, help="paper: 2 (default)")
+    sel.add_argument("--dg_weight_first_order", type=finite_float_arg, default=5.0, help="paper: 5 (default)")
+    sel.add_argument("--dg_weight_second_order", type=finite_float_arg, default=0.0, help="paper: 0 (default)")
+    sel.add_argument("--dg_boost", type=finite_float_arg, default=2.0, help="paper: 2 (default)")
     sel.add_argument("--dg_boost_churn", action="store_true", help="the reference's extra churn (off by default)")
-    sel.add_argument("--dg_sigma_min", type=float, default=DG_SIGMA_MIN,
+    sel.add_argument("--dg_sigma_min", type=finite_float_arg, default=DG_SIGMA_MIN,
                      help=f"guidance interval start (default {DG_SIGMA_MIN})")
-    sel.add_argument("--dg_sigma_max", type=float, default=None, help="guidance window end (default: none)")
+    sel.add_argument("--dg_sigma_max", type=finite_float_arg, default=None, help="guidance window end (default: none)")
     p.add_argument("--no_progress_bar", action="store_true", help="hide progress bars")
     return p
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not stages or sorted(set(stages) - set(STAGES)):
-        raise SystemExit(f"--stages must list train, select and/or export, got {args.stages!r}")
+        raise UserInputError(f"--stages must list train, select and/or export, got {args.stages!r}")
     disc_overrides = args.disc_config
 
     from accelerate import Accelerator
@@ -127,14 +127,14 @@ def _train_stage(args, pipeline, disc_overrides: dict, accelerator) -> dict | No
 
     out, progress = Path(args.output_dir), not args.no_progress_bar
     if (args.fake is None) == (args.generate_fake is None):
-        raise SystemExit("give exactly one of --fake (existing unguided samples) or --generate_fake N")
+        raise UserInputError("give exactly one of --fake (existing unguided samples) or --generate_fake N")
     resolution, channels = int(pipeline.unet.config.sample_size), int(pipeline.unet.config.in_channels)
     real = dg.real_images(args.dataset, args.split, args.num_real, args.seed, channels=channels)
     fake = load_or_generate_images(args.fake, pipeline, out / "fake", args.generate_fake or args.num_fake,
                                args.steps, args.gen_batch_size, accelerator, args.fake_seed_offset, progress)
     fake = fake[:args.num_fake]
     if real.shape[1:] != (channels, resolution, resolution):
-        raise SystemExit(f"real frames are {real.shape[1:]}, the model makes {(channels, resolution, resolution)}")
+        raise UserInputError(f"real frames are {real.shape[1:]}, the model makes {(channels, resolution, resolution)}")
     data = dg.make_real_fake_split(real, fake, args.val_fraction, seed=args.seed)
     accelerator.print(f"discriminator data: {len(real)} real, {len(fake)} generated, "
                       f"{len(data.train_indices)} train / {len(data.val_indices)} validation")
@@ -177,8 +177,11 @@ def _export_stage(out: Path, pipeline, best: int | None, dg_kwargs: dict) -> Pat
     if best is None:
         best = selection.get("best_epoch") or (dg.saved_epochs(out) or [None])[-1]
     if best is None:
-        raise SystemExit(f"nothing to export: no discriminator checkpoint under {out / 'checkpoints'}")
+        raise UserInputError(f"nothing to export: no discriminator checkpoint under {out / 'checkpoints'}")
     disc = dg.load_epoch_discriminator(out, best, unet=pipeline.unet)
+    from pipelines.hub import check_finite_module
+
+    check_finite_module(disc, f"discriminator of epoch {best} under {out / 'checkpoints'}")
     folder = dg.export_guided_pipeline(pipeline, disc, out / "pipeline", _jsonable(dg_kwargs),
                                        {**selection, "exported_epoch": best})
     print(f"DG pipeline (epoch {best}) written to {folder}")
@@ -197,4 +200,4 @@ def _jsonable(obj):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

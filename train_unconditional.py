@@ -10,9 +10,9 @@ duration from Table 1). The run resumes with ``--resume_from_checkpoint latest``
 """
 
 import logging
-import sys
 
-from pipelines.training import ConfigError, TrainConfig, train
+from pipelines.errors import run_cli
+from pipelines.training import TrainConfig, train
 from pipelines.training.config import config_from_cli_args
 
 
@@ -34,7 +34,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:  # bad arguments: one clear line, no traceback
-        sys.exit(f"error: {err}")
+    run_cli(main)

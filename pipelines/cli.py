@@ -1,8 +1,61 @@
-"""Command-line value types shared by the scripts (argparse ``type=``): a bad value becomes one error line
-naming the flag. Imports nothing heavy, so ``--help`` stays fast."""
+"""The scripts' shared parser (one help format) and command-line value types (argparse ``type=``): a bad
+value becomes one error line naming the flag. Imports nothing heavy, so ``--help`` stays fast."""
 
 import argparse
+import copy
 import json
+import math
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's lines (its examples) as written and shows each option's default once."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help or "").strip() and _shown_default(action) is not None:
+            action = copy.copy(action)  # argparse prints nothing after an option without help: say its default
+            action.help = f"default: {_shown_default(action)}"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, shown = action.help or "", _shown_default(action)
+        if shown is None or "default" in text.lower():
+            return text
+        return f"{text} (default: {shown})".lstrip()
+
+
+def _shown_default(action: argparse.Action) -> str | None:
+    """An option's default as its help shows it (%-escaped), or None where there is none worth showing."""
+    if action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings:
+        return None
+    if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+        return None
+    shown = action.default
+    if isinstance(shown, (list, tuple)):
+        shown = ",".join(str(v) for v in shown) if shown else "none"
+    elif isinstance(shown, dict):
+        shown = json.dumps(shown)
+    return str(shown).replace("%", "%%")
+
+
+def make_parser(description: str | None = None, **kwargs) -> argparse.ArgumentParser:
+    """A script's parser: the module docstring as description, EchoDiff's help format."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
+
+
+def add_subparser(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand's parser in the same help format (argparse does not pass formatter_class down)."""
+    return subparsers.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+
+def finite_float_arg(text: str) -> float:
+    """A finite number (inf and nan would overflow durations and counts later, far from the flag)."""
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def json_object_arg(text: str) -> dict:

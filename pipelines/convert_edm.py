@@ -12,7 +12,9 @@ missing or mis-shaped is refused, naming the key, before anything is written.
 
 from __future__ import annotations
 
-import importlib.util
+import _compat_pickle
+import collections
+import io
 import json
 import logging
 import pickle
@@ -21,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
-from pipelines.errors import UserInputError
+from pipelines.errors import MissingInputError, UserInputError
 from pipelines.networks import ARCHITECTURES, network_config
 
 logger = logging.getLogger(__name__)
@@ -47,20 +50,24 @@ def load_edm_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
     """Read ``path`` -> (network state_dict, EDM constructor kwargs or None).
 
     ``.pt``/``.pth`` state_dicts are read with ``torch.load(weights_only=True)``; ``.safetensors`` too.
-    ``.pkl`` (EDM ``network-snapshot-*.pkl``) runs pickle code: it is only read from a path given
-    explicitly, and needs the user's EDM checkout (``dnnlib``, ``torch_utils``) on PYTHONPATH.
+    ``.pkl`` (EDM ``network-snapshot-*.pkl``) is read by :class:`EDMSnapshotUnpickler`, which runs none of
+    the code such a pickle carries: no EDM checkout is needed, and a crafted pickle is refused.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"EDM checkpoint {str(path)!r} does not exist")
+        raise MissingInputError(f"EDM checkpoint {str(path)!r} does not exist")
     suffix = path.suffix.lower()
-    if suffix in (".pt", ".pth"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return _as_state_dict(state, path), None
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if suffix in (".pt", ".pth"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return _as_state_dict(state, path), None
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return _strip_wrapper_prefix(load_file(str(path))), None
+            return _strip_wrapper_prefix(load_file(str(path))), None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, SafetensorError) as err:
+        raise EDMConversionError(f"{str(path)!r} cannot be read as a {suffix} state_dict "
+                                 f"({type(err).__name__}: {err})") from err
     if suffix == ".pkl":
         return _load_edm_pickle(path)
     raise EDMConversionError(f"{str(path)!r}: expected a .pt/.pth state_dict, .safetensors or EDM .pkl snapshot")
@@ -83,23 +90,139 @@ def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return dict(state)
 
 
+# ---------------------------------------------------------------------------------------------------
+# EDM snapshots without running them. EDM's torch_utils.persistence pickles each network object as a call
+# _reconstruct_persistent_obj(meta), meta = {type, version, module_src (the class's source), class_name,
+# state (the object's __dict__)}; unpickling normally execs module_src. Here each such call becomes a
+# _PersistentRecord holding class_name and state, torch.nn containers become _ModuleRecord, tensors are
+# rebuilt by torch's own weights-only code, and any other global is refused by name.
+
+
+class _PersistentRecord:
+    """An EDM persistent object as data: its class name and ``__dict__`` (the embedded source is ignored)."""
+
+    def __init__(self, meta: Any):
+        if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+            raise EDMConversionError("an EDM persistence record lacks its type / state: not an EDM snapshot")
+        self.class_name = str(meta.get("class_name"))
+        self.state = meta["state"]
+
+
+class _ModuleRecord:
+    """A plain torch.nn container (ModuleDict, Sequential, ...) as data: only its ``__dict__`` is kept."""
+
+    state: dict
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state if isinstance(state, dict) else {}
+
+
+def _storage_from_bytes(data: bytes):
+    # EDM pickled tensors with pickle, not torch.save: each storage is a nested legacy torch.save blob.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    # protocol 2 writes bytes as _codecs.encode(text, "latin1"); nothing else of codecs is reachable
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise EDMConversionError(f"_codecs.encode with {encoding!r}: not part of an EDM network snapshot")
+    return text.encode("latin1")
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, *metadata):
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, collections.OrderedDict())
+
+
+def _rebuild_parameter(data, *_requires_grad_hooks_state):
+    return data
+
+
+def _rebuild_from_type(func, new_type, args, state):
+    return func(*args)  # func was itself vetted by find_class; the subclass type is dropped
+
+
+def _reconstructor(cls, base, state):
+    if cls is not _ModuleRecord:
+        raise EDMConversionError(f"copyreg._reconstructor of {cls!r}: not part of an EDM snapshot")
+    return _ModuleRecord.__new__(_ModuleRecord)
+
+
+_ALLOWED_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _PersistentRecord,
+    ("dnnlib.util", "EasyDict"): dict,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("builtins", "object"): object,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("torch.nn.parameter", "Parameter"): torch.Tensor,
+}
+
+
+class EDMSnapshotUnpickler(pickle.Unpickler):
+    """Reads an EDM ``network-snapshot-*.pkl`` as data; a global outside EDM's format is an error naming it."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol 2 spells Python 2's names (__builtin__.set)
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = _ALLOWED_GLOBALS.get((module, name))
+        if found is not None:
+            return found
+        if module.startswith("torch.nn.modules.") and name.isidentifier():
+            return _ModuleRecord  # never the real class: nothing of it runs
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise EDMConversionError(f"refusing global {module}.{name}: not part of an EDM network snapshot "
+                                 "(a pickle naming it could run code)")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise EDMConversionError(f"persistent id {str(pid)[:60]!r}: not an EDM network snapshot (written with "
+                                 "pickle.dump); a torch.save file should be a .pt")
+
+
+def _record_state_dict(record: Any, where: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The ``state_dict()`` of a recorded module: parameters, persistent buffers, then children, by name."""
+    if not isinstance(record, (_PersistentRecord, _ModuleRecord)):
+        raise EDMConversionError(f"{where}: {prefix or 'the network'} is a {type(record).__name__}, not a module")
+    state = record.state
+    skipped = state.get("_non_persistent_buffers_set") or set()
+    out: dict[str, torch.Tensor] = {}
+    for kind in ("_parameters", "_buffers"):
+        for name, value in (state.get(kind) or {}).items():
+            if value is None or (kind == "_buffers" and name in skipped):
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise EDMConversionError(f"{where}: {prefix}{name} is a {type(value).__name__}, not a tensor")
+            out[prefix + name] = value.detach()
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            out.update(_record_state_dict(child, where, f"{prefix}{name}."))
+    return out
+
+
 def _load_edm_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    missing = [name for name in ("dnnlib", "torch_utils") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise EDMConversionError(
-            f"{str(path)!r} is an EDM pickle; unpickling it needs your NVlabs EDM checkout importable "
-            f"(missing: {', '.join(missing)}). Put the checkout on PYTHONPATH (PYTHONPATH=/path/to/edm), "
-            "or save the network's state_dict to a .pt file with EDM and convert that instead."
-        )
-    with open(path, "rb") as handle:  # trusted: an explicit user-given path (see the docstring)
-        data = pickle.load(handle)
+    try:
+        with open(path, "rb") as handle:
+            data = EDMSnapshotUnpickler(handle).load()
+    except EDMConversionError as err:
+        raise EDMConversionError(f"{str(path)!r}: {err}") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, RuntimeError) as err:
+        raise EDMConversionError(f"{str(path)!r} is not a readable EDM snapshot ({type(err).__name__}: {err})") from err
     net = data.get("ema", data.get("net")) if isinstance(data, dict) else data
-    if net is None or not isinstance(net, torch.nn.Module):
+    if not isinstance(net, _PersistentRecord):
         raise EDMConversionError(f"{str(path)!r}: expected an EDM snapshot dict with an 'ema' network")
-    unet = getattr(net, "model", net)  # unwrap the preconditioning wrapper
-    init_kwargs = getattr(unet, "init_kwargs", None)
-    state = {key: value.detach().cpu() for key, value in unet.state_dict().items()}
-    return state, (dict(init_kwargs) if init_kwargs is not None else None)
+    unet = (net.state.get("_modules") or {}).get("model", net)  # unwrap the preconditioning wrapper
+    init_kwargs = unet.state.get("_init_kwargs") if isinstance(unet, _PersistentRecord) else None
+    if init_kwargs is not None and not isinstance(init_kwargs, dict):
+        raise EDMConversionError(f"{str(path)!r}: the network's _init_kwargs is not a dict")
+    return _record_state_dict(unet, str(path)), (dict(init_kwargs) if init_kwargs is not None else None)
 
 
 def _family(state: dict[str, torch.Tensor]) -> str:
@@ -274,6 +397,6 @@ def convert_edm_checkpoint(
 
 
 __all__ = [
-    "EDMConversionError", "load_edm_checkpoint", "infer_edm_config", "map_edm_state_dict",
+    "EDMConversionError", "EDMSnapshotUnpickler", "load_edm_checkpoint", "infer_edm_config", "map_edm_state_dict",
     "convert_edm_state_dict", "convert_edm_checkpoint",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.errors import UserInputError
 from pipelines.utils import atomic_write_json, jsonable, reset_accelerate_state
 
 # Calibrated on the 2-core reference CPU (bf16 autocast): this network trains at ~50 img/s and samples
@@ -82,15 +83,15 @@ class DemoConfig:
                     "grid_images": self.grid_images}
         for name, value in positive.items():
             if not value > 0:
-                raise ValueError(f"{name}: expected a positive value, got {value!r}")
+                raise UserInputError(f"{name}: expected a positive value, got {value!r}")
         if self.num_generated < 2:
-            raise ValueError(f"num_generated: FID needs at least 2 generated images, got {self.num_generated}")
+            raise UserInputError(f"num_generated: FID needs at least 2 generated images, got {self.num_generated}")
         if not 0 < self.guide_fraction <= 1:
-            raise ValueError(f"guide_fraction: expected a fraction in (0, 1] of the training, got {self.guide_fraction!r}")
+            raise UserInputError(f"guide_fraction: expected a fraction in (0, 1] of the training, got {self.guide_fraction!r}")
         if self.mixed_precision not in ("auto", "no", "bf16"):
-            raise ValueError(f"mixed_precision: expected 'auto', 'no' or 'bf16', got {self.mixed_precision!r}")
+            raise UserInputError(f"mixed_precision: expected 'auto', 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.sampling_precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"sampling_precision: expected 'auto', 'fp32' or 'bf16', got {self.sampling_precision!r}")
+            raise UserInputError(f"sampling_precision: expected 'auto', 'fp32' or 'bf16', got {self.sampling_precision!r}")
 
     def sampling(self) -> dict[str, Any]:
         """The pipeline call arguments of the demo's sampling (the precision resolved for this machine)."""

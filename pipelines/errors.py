@@ -9,10 +9,29 @@ class UserInputError(ValueError):
     """A bad argument, file or Hub id; the message names it and says what was expected."""
 
 
+class MissingInputError(UserInputError, FileNotFoundError):
+    """A file or folder the user named does not exist (still a FileNotFoundError for callers)."""
+
+
+class OutputExistsError(UserInputError, FileExistsError):
+    """An output folder already holds something that would be overwritten without ``--overwrite``."""
+
+
+class UnknownNameError(UserInputError, KeyError):
+    """A split, key or name the user gave is not among those available (still a KeyError for callers)."""
+
+    __str__ = ValueError.__str__  # KeyError's would print the message in quotes
+
+
+class NonFiniteError(UserInputError):
+    """Weights read from a file, or images made from them, hold NaN / inf: scoring them would be silently wrong."""
+
+
 def run_cli(main: Callable[..., Any], argv: list[str] | None = None) -> Any:
     """Run a script's ``main``; a UserInputError ends as ``error: ...`` on stderr with exit code 2 (argparse's)."""
     try:
         return main(argv)
     except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

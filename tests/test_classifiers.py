@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipelines.errors import UserInputError
 from pipelines.evaluation.distribution_shift import (
     AugmentConfig,
     ClassifierConfig,
@@ -217,5 +218,5 @@ def test_cli_end_to_end_and_rerun_skips(frame_dataset, tmp_path, monkeypatch, ca
     assert capsys.readouterr().out.count("skipping") == 4
 
     monkeypatch.setattr("sys.argv", argv[:3] + ["--generated", "NoPath", "--output_dir", str(tmp_path / "bad")])
-    with pytest.raises(SystemExit, match="NAME=PATH"):
+    with pytest.raises(UserInputError, match="NAME=PATH"):
         evaluate_distribution_shift.main()

@@ -1,7 +1,8 @@
 """EDM checkpoint conversion: key names built here from EDM's naming rules, independently of our models."""
 
 import pickle
-import textwrap
+import re
+import sys
 
 import pytest
 import torch
@@ -251,58 +252,147 @@ def test_refuses_wrong_filter_and_wrong_arch_and_augment(tmp_path):
     assert "map_augment.weight" not in model.state_dict()
 
 
-def test_refuses_non_state_dict_and_pickle_without_edm(tmp_path, monkeypatch):
+def test_refuses_non_state_dict(tmp_path):
     src = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], src)
     with pytest.raises(EDMConversionError, match="expected a state_dict"):
         convert_edm_checkpoint(src, tmp_path / "o")
-    pkl = tmp_path / "network-snapshot-000000.pkl"
-    pkl.write_bytes(b"not read")
-    import importlib.util
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("dnnlib", "torch_utils") else real_find_spec(name, *a))
-    with pytest.raises(EDMConversionError, match="PYTHONPATH"):
-        convert_edm_checkpoint(pkl, tmp_path / "o")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_edm_checkpoint(tmp_path / "absent.pt", tmp_path / "o")
+    truncated = tmp_path / "truncated.pt"
+    torch.save(random_state(edm_layout("adm")), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(EDMConversionError, match="truncated.pt"):
+        convert_edm_checkpoint(truncated, tmp_path / "o")
 
 
-def test_pickle_snapshot_with_edm_checkout_importable(tmp_path, monkeypatch):
-    """A stand-in EDM checkout: snapshot dict -> 'ema' wrapper -> .model with init_kwargs (EDM's persistence)."""
-    checkout = tmp_path / "edm"
-    for package in ("dnnlib", "torch_utils"):
-        (checkout / package).mkdir(parents=True)
-        (checkout / package / "__init__.py").write_text("")
-    (checkout / "fake_edm_networks.py").write_text(textwrap.dedent("""
-        import torch
+# --- EDM network-snapshot pickles, written here as EDM's torch_utils.persistence writes them -------------
 
-        class FakeSongUNet(torch.nn.Module):
-            def __init__(self, state, **init_kwargs):
-                super().__init__()
-                self.state = state
-                self.init_kwargs = init_kwargs
+EDM_PERSISTENCE_VERSION = 6
 
-            def state_dict(self, *args, **kwargs):
-                return dict(self.state)
 
-        class FakePrecond(torch.nn.Module):
-            def __init__(self, model):
-                super().__init__()
-                self.model = model
-    """))
-    monkeypatch.syspath_prepend(str(checkout))
-    import fake_edm_networks
+def _reconstruct_persistent_obj(meta):  # stands in for EDM's; the converter must never call it
+    raise AssertionError("the converter ran EDM's reconstruction code")
 
+
+_reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+
+
+class EDMPersistent(torch.nn.Module):
+    """A module that pickles as ``@persistence.persistent_class`` does: the reduce call
+    ``_reconstruct_persistent_obj(meta)`` with the class's source, its name and the object's ``__dict__``."""
+
+    def __init__(self, class_name, module_src, **init_kwargs):
+        super().__init__()
+        self._init_args, self._init_kwargs = (), dict(init_kwargs)
+        self.edm_class_name, self.edm_module_src = class_name, module_src
+
+    def __reduce__(self):
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("edm_")}
+        meta = dict(type="class", version=EDM_PERSISTENCE_VERSION, module_src=self.edm_module_src,
+                    class_name=self.edm_class_name, state=state)
+        return _reconstruct_persistent_obj, (meta,), None
+
+
+@pytest.fixture
+def edm_persistence_module(monkeypatch):
+    """``torch_utils.persistence`` importable while pickling (as in EDM's process), never while converting."""
+    import types
+
+    package, module = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+    module._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    package.persistence = module
+    monkeypatch.setitem(sys.modules, "torch_utils", package)
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", module)
+
+
+def edm_network(state, class_name, module_src, **init_kwargs):
+    """EDM's module tree for a flat state_dict: persistent modules, ``enc`` / ``dec`` as torch ModuleDicts."""
+    root = EDMPersistent(class_name, module_src, **init_kwargs)
+    for key, value in state.items():
+        *path, leaf = key.split(".")
+        module = root
+        for depth, part in enumerate(path):
+            if part not in module._modules:
+                child = torch.nn.ModuleDict() if depth == 0 and part in ("enc", "dec") else \
+                    EDMPersistent("Conv2d", module_src)
+                module.add_module(part, child)
+            module = module._modules[part]
+        if leaf in ("resample_filter", "freqs"):
+            module.register_buffer(leaf, value.clone())
+        else:
+            module.register_parameter(leaf, torch.nn.Parameter(value.clone()))
+    root.register_buffer("scratch", torch.ones(3), persistent=False)  # not in EDM's state_dict: not converted
+    return root
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_edm_snapshot_pickle_converts_without_running_its_code(tmp_path, edm_persistence_module, monkeypatch,
+                                                               protocol):
+    marker = tmp_path / "embedded-source-ran"
+    module_src = f"open({str(marker)!r}, 'w').write('ran')\n"  # what unpickling with EDM's code would exec
     state = random_state(edm_layout("ddpmpp"))
-    unet = fake_edm_networks.FakeSongUNet(state, img_resolution=16, in_channels=1, out_channels=1, dropout=0.13,
-                                          label_dropout=0.0, embedding_type="positional", augment_dim=0)
+    init_kwargs = dict(img_resolution=16, in_channels=1, out_channels=1, dropout=0.13, label_dropout=0.0,
+                       embedding_type="positional", augment_dim=0)
+    unet = edm_network(state, "SongUNet", module_src, **init_kwargs)
+    precond = EDMPersistent("EDMPrecond", module_src, img_resolution=16, img_channels=1, model_type="SongUNet")
+    precond.add_module("model", unet)
+    snapshot = {"ema": precond, "loss_fn": EDMPersistent("EDMLoss", module_src, P_mean=-1.2, P_std=1.2),
+                "augment_pipe": None, "dataset_kwargs": {"class_name": "training.dataset.ImageFolderDataset"}}
     pkl = tmp_path / "network-snapshot-000100.pkl"
     with open(pkl, "wb") as handle:
-        pickle.dump({"ema": fake_edm_networks.FakePrecond(unet), "augment_pipe": None}, handle)
+        pickle.dump(snapshot, handle, protocol=protocol)
+    monkeypatch.delitem(sys.modules, "torch_utils.persistence")  # the converter has no EDM checkout:
+    monkeypatch.setitem(sys.modules, "torch_utils", None)  # importing it would fail loudly
+
     model = convert_edm_checkpoint(pkl, tmp_path / "out")
+    assert not marker.exists()
     assert model.config.dropout == 0.13
-    assert torch.equal(model.state_dict()["dec.16x16_aux_conv.weight"], state["dec.16x16_aux_conv.weight"])
+    converted = model.state_dict()
+    for key, value in state.items():
+        if not key.endswith("resample_filter"):
+            assert torch.equal(converted[key], value), key
+
+
+class _Payload:
+    """Unpickling this runs ``call(*args)``: the classic pickle exploit."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.parametrize("kind", ["exec", "os.system", "inside an EDM record", "a class of an EDM checkout"])
+def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path, kind, edm_persistence_module):
+    import os
+
+    marker = tmp_path / "pwned"
+    if kind == "exec":
+        payload, named = _Payload(exec, f"open({str(marker)!r}, 'w').write('x')"), "builtins.exec"
+    elif kind == "os.system":
+        payload, named = _Payload(os.system, f"touch {marker}"), f"{os.system.__module__}.system"
+    elif kind == "inside an EDM record":
+        net = EDMPersistent("SongUNet", "")
+        net.evil = _Payload(exec, f"open({str(marker)!r}, 'w').write('x')")
+        payload, named = net, "builtins.exec"
+    else:
+        payload, named = _Payload(pathlib_write, str(marker)), f"{__name__}.pathlib_write"
+    pkl = tmp_path / "network-snapshot-000000.pkl"
+    with open(pkl, "wb") as handle:
+        pickle.dump({"ema": payload}, handle)
+    with pytest.raises(EDMConversionError, match=f"refusing global {re.escape(named)}"):
+        convert_edm_checkpoint(pkl, tmp_path / "o")
+    assert not marker.exists()
+    assert not (tmp_path / "o").exists()
+
+
+def pathlib_write(path):
+    """A function of some importable module (as a stand-in EDM checkout's would be)."""
+    from pathlib import Path
+
+    Path(path).write_text("x")
 
 
 def test_cli(tmp_path, capsys):

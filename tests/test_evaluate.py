@@ -9,6 +9,7 @@ import torch
 
 import evaluate
 from pipelines.data.frame_reader import load_frames
+from pipelines.errors import UserInputError
 from pipelines.evaluation.feature_cache import FingerprintMismatchError
 from pipelines.evaluation.fid import InceptionDetector, compute_features, feature_statistics, frechet_distance
 from pipelines.evaluation.generation import load_images
@@ -214,7 +215,7 @@ def test_cli_errors(workspace, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["sweep"])
     assert "--config" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--model"):
+    with pytest.raises(UserInputError, match="--model"):
         evaluate.main(_args(workspace, "fid", "--output_dir", str(tmp_path)))
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(_args(workspace, "fid", "--model", workspace["model"], "--sampler_kwargs", "[1]",

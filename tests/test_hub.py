@@ -115,3 +115,219 @@ def test_bad_inputs_are_named(pipe, tmp_path):
         push_pipeline(tmp_path, "someone/empty", api=FakeHfApi())
     with pytest.raises(ValueError, match="FID"):
         push_pipeline(pipe, "someone/x", metrics={"FID": "low"}, api=FakeHfApi())
+
+
+# ---------------------------------------------------------------- loading: what a saved folder may make us run
+
+
+@pytest.fixture(scope="module")
+def saved(pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "pipeline"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _copy(folder, tmp_path, name="copy"):
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / name))
+
+
+def _set_component(folder, name, entry):
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text())
+    index[name] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("component", ["unet", "discriminator"])
+def test_index_naming_an_installed_module_is_refused_before_anything_is_imported(saved, tmp_path, component,
+                                                                                capsys, monkeypatch):
+    """A crafted model_index.json must not pick a module to import: `this` prints the Zen of Python."""
+    import sys
+
+    from pipelines.errors import UserInputError
+    from pipelines.hub import load_pipeline
+
+    assert "this" not in sys.modules
+    folder = _copy(saved, tmp_path)
+    _set_component(folder, component, ["this", "X"])
+    with pytest.raises(UserInputError, match=rf"model_index.json: component '{component}' names library 'this'"):
+        load_pipeline(folder)
+    assert "this" not in sys.modules and "Beautiful is better" not in capsys.readouterr().out
+
+    marker = tmp_path / "imported"  # any module on sys.path, e.g. one dropped next to the user's scripts
+    (tmp_path / "planted_module.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass X: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _set_component(folder, component, ["planted_module", "X"])
+    with pytest.raises(UserInputError, match="planted_module"):
+        load_pipeline(folder)
+    assert not marker.exists()
+    _set_component(folder, "_class_name", ["planted_module", "X"])
+    with pytest.raises(UserInputError, match="_class_name names module 'planted_module'"):
+        load_pipeline(folder)
+    assert not marker.exists()
+
+
+def test_malformed_index_and_truncated_weights_are_named(saved, tmp_path):
+    from pipelines.errors import UserInputError
+    from pipelines.hub import load_pipeline
+
+    folder = _copy(saved, tmp_path, "malformed")
+    (folder / "model_index.json").write_text('{"_class_name": ')
+    with pytest.raises(UserInputError, match="model_index.json: not a readable pipeline index"):
+        load_pipeline(folder)
+    folder = _copy(saved, tmp_path, "truncated")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserInputError, match="truncated"):
+        load_pipeline(folder)
+
+
+def _nan_copy(module, name):
+    import copy
+
+    import torch
+
+    broken = copy.deepcopy(module)
+    with torch.no_grad():
+        dict(broken.named_parameters())[name].view(-1)[0] = float("nan")
+    return broken
+
+
+def test_non_finite_weights_are_refused_on_load(pipe, saved, tmp_path):
+    import numpy as np
+    import torch
+
+    from pipelines.errors import NonFiniteError
+    from pipelines.hub import load_pipeline
+    from pipelines.training.discriminator import build_discriminator
+
+    name = next(iter(dict(pipe.unet.named_parameters())))
+    nan_unet = EchoDiffPipeline(unet=_nan_copy(pipe.unet, name), scheduler=EDMHeunScheduler())
+    nan_unet.save_pretrained(tmp_path / "nan-unet")
+    with pytest.raises(NonFiniteError, match=rf"unet weight '{name}' holds 1 NaN/inf"):
+        load_pipeline(tmp_path / "nan-unet")
+
+    torch.manual_seed(0)
+    disc = build_discriminator("adm", resolution=pipe.unet.config.sample_size, channels=1, tiny=True)
+    disc_name = next(iter(dict(disc.named_parameters())))
+    EchoDiffPipeline(unet=pipe.unet, scheduler=EDMHeunScheduler(), discriminator=_nan_copy(disc, disc_name)
+                     ).save_pretrained(tmp_path / "nan-disc")
+    with pytest.raises(NonFiniteError, match=rf"discriminator weight '{disc_name}'"):
+        load_pipeline(tmp_path / "nan-disc")
+
+    # an intact safetensors header over a garbage body: loads, but its values are not weights
+    folder = _copy(saved, tmp_path, "garbage")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    raw = weights.read_bytes()
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    garbage = np.random.default_rng(0).integers(0, 256, len(raw) - header_end, dtype=np.uint8).tobytes()
+    weights.write_bytes(raw[:header_end] + garbage)
+    with pytest.raises(NonFiniteError, match="unet weight"):
+        load_pipeline(folder)
+
+
+def test_non_finite_samples_are_refused_before_scoring(pipe, tmp_path):
+    from pipelines.errors import NonFiniteError
+    from pipelines.evaluation.generation import generate_images
+
+    name = next(iter(dict(pipe.unet.named_parameters())))
+    broken = EchoDiffPipeline(unet=_nan_copy(pipe.unet, name), scheduler=EDMHeunScheduler())
+    broken.set_progress_bar_config(disable=True)
+    with pytest.raises(NonFiniteError, match="NaN/inf images for seeds 0...1"):
+        generate_images(broken, tmp_path / "samples", "0-1", num_inference_steps=2, progress=False)
+    assert not list((tmp_path / "samples").glob("shard-*.npz"))
+
+
+def test_dg_export_refuses_a_non_finite_discriminator(saved, tmp_path, capsys, fresh_accelerate_state):
+    import json
+
+    import torch
+
+    import train_discriminator
+    from pipelines.errors import run_cli
+    from pipelines.training.discriminator import build_discriminator
+
+    torch.manual_seed(0)
+    disc = build_discriminator("adm", resolution=16, channels=1, tiny=True)
+    name = next(iter(dict(disc.named_parameters())))
+    epoch = tmp_path / "dg" / "checkpoints" / "epoch-001"
+    _nan_copy(disc, name).save_pretrained(epoch / "discriminator")
+    (epoch / "state.json").write_text(json.dumps({"epoch": 1}))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_discriminator.main, ["--model", str(saved), "--dataset", str(tmp_path / "unused"),
+                                           "--output_dir", str(tmp_path / "dg"), "--stages", "export"])
+    assert exit_info.value.code == 2
+    assert f"discriminator of epoch 1 under {tmp_path / 'dg' / 'checkpoints'} weight '{name}'" in capsys.readouterr().err
+    assert not (tmp_path / "dg" / "pipeline").exists()
+
+
+# ---------------------------------------------------------------- the other readers of user files (docs/security.md)
+
+
+class _Payload:
+    """Unpickling this would create ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('ran')",)
+
+
+def test_accelerate_checkpoint_reads_are_weights_only(tmp_path):
+    """Resuming reads optimizer / RNG files with accelerate's ``load``: it must refuse a pickled payload, and
+    EchoDiff must register no custom checkpoint objects (those accelerate reads with weights_only=False)."""
+    import pickle
+
+    import torch
+    from accelerate.utils import load
+
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "random_states_0.pkl"
+    torch.save({"random_state": _Payload(marker)}, crafted)
+    with pytest.raises(pickle.UnpicklingError):
+        load(crafted)
+    assert not marker.exists()
+    sources = [p for p in (Path(__file__).parents[1] / "pipelines").rglob("*.py")]
+    assert sources and not [p for p in sources if "register_for_checkpointing" in p.read_text()]
+
+
+def test_npz_readers_refuse_pickled_object_arrays(tmp_path):
+    import numpy as np
+
+    from pipelines.evaluation.generation import load_images
+    from pipelines.evaluation.reference import FeatureStatistics
+
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "samples.npz"
+    np.savez(crafted, images=np.array([_Payload(marker)], dtype=object), mu=np.array([_Payload(marker)], dtype=object),
+             sigma=np.zeros(1), n=np.array(1), fingerprint=np.array("{}"))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_images(crafted)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        FeatureStatistics.load(crafted)
+    assert not marker.exists()
+
+
+def test_inception_weights_are_checked_before_torchscript_loads_them(tmp_path):
+    from pipelines.evaluation.fid import InceptionDetector
+
+    fake = tmp_path / "default_1.pt"
+    fake.write_bytes(b"not the Inception file")
+    with pytest.raises(ValueError, match="SHA-1"):
+        InceptionDetector(weights_path=fake)
+
+
+def test_sweep_config_yaml_builds_data_only(tmp_path):
+    from pipelines.evaluation.sweep import load_sweep_config
+    from pipelines.training import ConfigError
+
+    marker = tmp_path / "ran"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"dataset: !!python/object/apply:os.system ['touch {marker}']\nruns: []\n")
+    with pytest.raises(ConfigError, match="sweep.yaml: cannot parse"):
+        load_sweep_config(config)
+    assert not marker.exists()

@@ -642,4 +642,4 @@ def test_cli_prints_one_line_error_and_exits_nonzero(tmp_path, monkeypatch, caps
                                                                       "--arch", "bad")])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(REPO / "train_unconditional.py"), run_name="__main__")
-    assert str(exit_info.value).startswith("error: --arch: expected one of")
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: --arch: expected one of")

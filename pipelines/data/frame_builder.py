@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from pipelines.errors import MissingInputError, OutputExistsError, UserInputError
 from pipelines.utils import (
     MODEL_CARDS_DIR,
     atomic_save_npy,
@@ -66,7 +67,7 @@ def _find_entry(folder: Path, name: str, kind: str, arg: str) -> Path:
         return path
     near = [p.name for p in folder.iterdir() if p.name.lower() == name.lower()]
     hint = f"; found {near[0]!r} instead (names are case-sensitive)" if near else ""
-    raise FileNotFoundError(f"{arg}={str(folder)!r} has no {kind} {name!r}{hint}; expected EchoNet-Dynamic's layout: "
+    raise MissingInputError(f"{arg}={str(folder)!r} has no {kind} {name!r}{hint}; expected EchoNet-Dynamic's layout: "
                             "Videos/ (the .avi clips), FileList.csv and VolumeTracings.csv")
 
 
@@ -76,7 +77,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict]:
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in required if c not in header]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected columns {list(required)}, found {header}")
+            raise UserInputError(f"{path}: missing column(s) {missing}; expected columns {list(required)}, found {header}")
         reader.fieldnames = header
         return list(reader)
 
@@ -223,18 +224,18 @@ def _frame_rows(videos: list[dict], cache_dir: str, frame_stride: int):
 
 def _prepare_out_dir(out: Path, echonet: Path, overwrite: bool) -> None:
     if out.resolve() == echonet.resolve():
-        raise ValueError(f"out_dir={str(out)!r} is echonet_dir; expected a separate output folder")
+        raise UserInputError(f"out_dir={str(out)!r} is echonet_dir; expected a separate output folder")
     if not out.exists():
         return
     if not out.is_dir():
-        raise NotADirectoryError(f"out_dir={str(out)!r} is a file; expected a folder (new or from a previous build)")
+        raise OutputExistsError(f"out_dir={str(out)!r} is a file; expected a folder (new or from a previous build)")
     finished = (out / "dataset_dict.json").exists()
     ours = finished or (out / _WORK).exists() or (out / SUMMARY_FILE).exists()
     if any(out.iterdir()) and not ours:
-        raise FileExistsError(f"out_dir={str(out)!r} is not empty and holds no EchoDiff frame dataset; "
+        raise OutputExistsError(f"out_dir={str(out)!r} is not empty and holds no EchoDiff frame dataset; "
                               "expected a new or empty folder")
     if finished and not overwrite:
-        raise FileExistsError(f"out_dir={str(out)!r} already holds a built frame dataset; "
+        raise OutputExistsError(f"out_dir={str(out)!r} already holds a built frame dataset; "
                               "pass overwrite=True (CLI --overwrite) to rebuild it")
     if overwrite:
         shutil.rmtree(out)
@@ -324,18 +325,18 @@ def build_frame_dataset(echonet_dir: str | os.PathLike, out_dir: str | os.PathLi
 def _check_options(echonet: Path, resolution: int, frame_stride: int, resize_filter: str, max_videos: int | None,
                    max_bad_fraction: float) -> None:
     if not echonet.is_dir():
-        raise FileNotFoundError(f"echonet_dir={str(echonet)!r} is not a folder; expected EchoNet-Dynamic's folder "
+        raise MissingInputError(f"echonet_dir={str(echonet)!r} is not a folder; expected EchoNet-Dynamic's folder "
                                 "with Videos/, FileList.csv and VolumeTracings.csv")
     if not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution={resolution!r}: expected a positive integer (64, or 112 = native)")
+        raise UserInputError(f"resolution={resolution!r}: expected a positive integer (64, or 112 = native)")
     if not isinstance(frame_stride, int) or frame_stride < 1:
-        raise ValueError(f"frame_stride={frame_stride!r}: expected a positive integer")
+        raise UserInputError(f"frame_stride={frame_stride!r}: expected a positive integer")
     if resize_filter not in RESIZE_FILTERS:
-        raise ValueError(f"resize_filter={resize_filter!r}: expected one of {sorted(RESIZE_FILTERS)}")
+        raise UserInputError(f"resize_filter={resize_filter!r}: expected one of {sorted(RESIZE_FILTERS)}")
     if max_videos is not None and (not isinstance(max_videos, int) or max_videos < 1):
-        raise ValueError(f"max_videos={max_videos!r}: expected a positive integer or None")
+        raise UserInputError(f"max_videos={max_videos!r}: expected a positive integer or None")
     if not 0 <= max_bad_fraction <= 1:
-        raise ValueError(f"max_bad_fraction={max_bad_fraction!r}: expected a fraction in [0, 1]")
+        raise UserInputError(f"max_bad_fraction={max_bad_fraction!r}: expected a fraction in [0, 1]")
 
 
 def _check_unfinished_build(config_path: Path, config: dict, out: Path) -> None:
@@ -344,7 +345,7 @@ def _check_unfinished_build(config_path: Path, config: dict, out: Path) -> None:
         previous = json.loads(config_path.read_text())
         differ = setting_differences(previous, jsonable(config))
         if differ:
-            raise ValueError(f"out_dir={str(out)!r} holds an unfinished build made with other options "
+            raise UserInputError(f"out_dir={str(out)!r} holds an unfinished build made with other options "
                              f"({'; '.join(differ)}); rerun with the same options to resume it, or pass "
                              "overwrite=True to start again")
     else:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.errors import MissingInputError, UnknownNameError
 from pipelines.utils import looks_like_local_path
 
 from .layout import SPLITS, frame_features
@@ -72,25 +73,25 @@ def _load_split(path_or_hub_id: str | os.PathLike, split: str):
     path = Path(text).expanduser()
     if path.exists():
         if not (path / "dataset_dict.json").exists() and not (path / "dataset_info.json").exists():
-            raise FileNotFoundError(f"path_or_hub_id={text!r} is a folder but not a saved dataset (no dataset_dict.json); "
+            raise MissingInputError(f"path_or_hub_id={text!r} is a folder but not a saved dataset (no dataset_dict.json); "
                                     "expected the out_dir of build_frame_dataset")
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise KeyError(f"split={split!r} is not in {text!r}; available splits: {sorted(loaded)}")
+                raise UnknownNameError(f"split={split!r} is not in {text!r}; available splits: {sorted(loaded)}")
             return loaded[split]
         return loaded
     if looks_like_local_path(text):
-        raise FileNotFoundError(f"path_or_hub_id={text!r} does not exist; expected a folder written by "
+        raise MissingInputError(f"path_or_hub_id={text!r} does not exist; expected a folder written by "
                                 "build_frame_dataset or a Hub dataset id like 'user/echonet-frames'")
     try:
         return datasets.load_dataset(text, split=split)
     except ValueError as e:
         if "split" in str(e).lower():
-            raise KeyError(f"split={split!r} is not in Hub dataset {text!r}: {e}") from e
+            raise UnknownNameError(f"split={split!r} is not in Hub dataset {text!r}: {e}") from e
         raise
     except Exception as e:
-        raise FileNotFoundError(f"path_or_hub_id={text!r}: no local folder of that name, and loading it from the "
+        raise MissingInputError(f"path_or_hub_id={text!r}: no local folder of that name, and loading it from the "
                                 f"Hub failed ({type(e).__name__}: {e})") from e
 
 

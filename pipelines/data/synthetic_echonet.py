@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipelines.errors import OutputExistsError, UserInputError
 from pipelines.utils import atomic_write
 
 from .layout import FILELIST_COLUMNS, TRACING_COLUMNS, worker_context
@@ -335,14 +336,14 @@ def write_synthetic_echonet(out_dir: str | os.PathLike, num_videos: int = 200, s
     set) or takes an :class:`EchoStyle`; ``num_frames=(low, high)`` overrides the frame-count range.
     """
     if not isinstance(num_videos, int) or num_videos < 1:
-        raise ValueError(f"num_videos={num_videos!r}: expected a positive integer")
+        raise UserInputError(f"num_videos={num_videos!r}: expected a positive integer")
     _resolve_style(parametrisation)
     out = Path(out_dir)
     ours = [out / "FileList.csv", out / "VolumeTracings.csv"]
     videos_dir = out / "Videos"
     existing = [p for p in ours if p.exists()] + (sorted(videos_dir.glob("*.avi")) if videos_dir.is_dir() else [])
     if existing and not overwrite:
-        raise FileExistsError(f"out_dir={str(out)!r} already holds an EchoNet-layout folder "
+        raise OutputExistsError(f"out_dir={str(out)!r} already holds an EchoNet-layout folder "
                               f"({existing[0].name} ...); pass overwrite=True to replace it")
     for path in existing:
         path.unlink()

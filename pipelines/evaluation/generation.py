@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.errors import NonFiniteError, UserInputError
 from pipelines.utils import atomic_save_npz, atomic_write_json, jsonable, setting_differences, to_uint8
 
 SHARD_GLOB = "shard-*.npz"
@@ -39,14 +40,14 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
         if match:
             first, last = int(match.group(1)), int(match.group(2))
             if last < first:
-                raise ValueError(f"seed range '{part.strip()}' ends before it starts")
+                raise UserInputError(f"seed range '{part.strip()}' ends before it starts")
             seeds.extend(range(first, last + 1))
         elif part.strip().isdigit():
             seeds.append(int(part))
         else:
-            raise ValueError(f"seeds must look like '0-49999' or '1,2,5-10' (non-negative ints), got {spec!r}")
+            raise UserInputError(f"seeds must look like '0-49999' or '1,2,5-10' (non-negative ints), got {spec!r}")
     if not seeds:
-        raise ValueError(f"seeds {spec!r} name no seed")
+        raise UserInputError(f"seeds {spec!r} name no seed")
     return seeds
 
 
@@ -57,7 +58,7 @@ def read_shard(path: Path, key: str | None = None) -> Any:
                 return data[key]
             return data["images"], data["seeds"]
     except Exception as exc:  # a truncated or foreign file: say which one
-        raise ValueError(f"shard '{path}' cannot be read ({exc}); delete it to regenerate its seeds") from exc
+        raise UserInputError(f"shard '{path}' cannot be read ({exc}); delete it to regenerate its seeds") from exc
 
 
 def finished_seeds(out_dir: str | os.PathLike) -> set[int]:
@@ -143,6 +144,10 @@ def generate_images(pipeline: Any, out_dir: str | os.PathLike, seeds: str | Iter
                 if latents.ndim != 4 or latents.shape[0] != len(batch_seeds):
                     raise ValueError(f"the pipeline returned images of shape {tuple(latents.shape)} for "
                                      f"{len(batch_seeds)} seeds; expected (B, C, H, W)")
+                if not bool(torch.isfinite(latents).all()):  # uint8 would turn NaN into black and score it
+                    raise NonFiniteError(f"the pipeline made NaN/inf images for seeds {batch_seeds[0]}..."
+                                         f"{batch_seeds[-1]}; its weights or sampler settings are broken, "
+                                         "nothing is scored")
                 parts.append(to_uint8(latents).cpu().numpy())
                 bar.update(len(batch_seeds))
             _write_shard(out_dir, np.concatenate(parts), shard_seeds)
@@ -170,7 +175,7 @@ def load_images(path: str | os.PathLike, return_seeds: bool = False, seeds: Iter
         with np.load(path, allow_pickle=False) as data:
             key = "images" if "images" in data.files else (data.files[0] if len(data.files) == 1 else None)
             if key is None:
-                raise ValueError(f"'{path}' must hold an 'images' array (or exactly one array), has {data.files}")
+                raise UserInputError(f"'{path}' must hold an 'images' array (or exactly one array), has {data.files}")
             images = data[key]
             load_seeds = data["seeds"] if "seeds" in data.files else None
         images = _to_nchw(images, str(path))
@@ -181,25 +186,25 @@ def load_images(path: str | os.PathLike, return_seeds: bool = False, seeds: Iter
         for png in sorted(path.glob("*.png")):
             with Image.open(png) as image:
                 if image.mode not in ("L", "RGB"):
-                    raise ValueError(f"'{png}' has mode {image.mode}; expected grayscale (L) or RGB")
+                    raise UserInputError(f"'{png}' has mode {image.mode}; expected grayscale (L) or RGB")
                 array = np.asarray(image)
             arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
         if len({a.shape for a in arrays}) != 1:
-            raise ValueError(f"the PNGs in '{path}' differ in size or channels: {sorted({a.shape for a in arrays})}")
+            raise UserInputError(f"the PNGs in '{path}' differ in size or channels: {sorted({a.shape for a in arrays})}")
         images = np.stack(arrays)
     else:
-        raise ValueError(f"'{path}' is not a folder of generation shards ({SHARD_GLOB}), an .npz file or a "
+        raise UserInputError(f"'{path}' is not a folder of generation shards ({SHARD_GLOB}), an .npz file or a "
                          "folder of PNG images")
     if images.dtype != np.uint8:
-        raise ValueError(f"images in '{path}' must be uint8, got {images.dtype}")
+        raise UserInputError(f"images in '{path}' must be uint8, got {images.dtype}")
     if seeds is not None:
         wanted = np.asarray(parse_seeds(seeds), dtype=np.int64)
         if load_seeds is None:
-            raise ValueError(f"'{path}' records no seeds, so seeds={seeds!r} cannot be selected")
+            raise UserInputError(f"'{path}' records no seeds, so seeds={seeds!r} cannot be selected")
         position = {int(s): i for i, s in enumerate(load_seeds)}
         absent = [int(s) for s in wanted if int(s) not in position]
         if absent:
-            raise ValueError(f"'{path}' lacks {len(absent)} requested seeds (first: {absent[:5]}); generate them first")
+            raise UserInputError(f"'{path}' lacks {len(absent)} requested seeds (first: {absent[:5]}); generate them first")
         index = np.asarray([position[int(s)] for s in wanted], dtype=np.int64)
         images, load_seeds = images[index], load_seeds[index]
     return (images, load_seeds) if return_seeds else images
@@ -207,12 +212,12 @@ def load_images(path: str | os.PathLike, return_seeds: bool = False, seeds: Iter
 
 def _to_nchw(images: np.ndarray, name: str) -> np.ndarray:
     if images.ndim != 4:
-        raise ValueError(f"images in '{name}' must be 4-D (N, C, H, W) or (N, H, W, C), got shape {images.shape}")
+        raise UserInputError(f"images in '{name}' must be 4-D (N, C, H, W) or (N, H, W, C), got shape {images.shape}")
     if images.shape[1] in (1, 3):
         return images
     if images.shape[-1] in (1, 3):
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    raise ValueError(f"images in '{name}' must have 1 or 3 channels, got shape {images.shape}")
+    raise UserInputError(f"images in '{name}' must have 1 or 3 channels, got shape {images.shape}")
 
 
 def load_or_generate_images(source: str | os.PathLike | None = None, pipeline=None, out_dir: str | os.PathLike | None = None,

@@ -20,7 +20,9 @@ scale on a CPU (``configs/sweep_demo.yaml``) and at the paper's scale on GPUs
 (``configs/sweep_table1.yaml``): only numbers differ.
 
 With ``launcher`` set, each training is a subprocess ``<launcher> train_unconditional.py <flags>``
-(multi-GPU); generation and FID then run in this process on its default device. Without it,
+(multi-GPU); generation and FID then run in this process on its default device. ``launcher`` is a command
+line that EchoDiff runs as given (split with ``shlex``, no shell): a sweep config is a program, so run only
+configs you wrote or have read (docs/security.md). The rest of the file is data (``yaml.safe_load``). Without it,
 training runs in this process via ``pipelines.training.train`` (launch the sweep itself with
 ``accelerate launch`` to train and generate on several processes).
 """
@@ -34,10 +36,11 @@ import math
 import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from pipelines.cli import make_parser
+from pipelines.errors import run_cli
 from pipelines.training.config import (
     ConfigError,
     TrainConfig,
@@ -349,7 +352,7 @@ def write_outputs(config: SweepConfig) -> tuple[str, Path]:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(description="Table 1 sweep: train and score each run of a config")
+    parser = parser or make_parser("Table 1 sweep: train and score each run of a config")
     parser.add_argument("--config", required=True, help="sweep config (YAML or JSON), e.g. configs/sweep_demo.yaml")
     parser.add_argument("--output_dir", default=None, help="override the config's output_dir")
     parser.add_argument("--dataset", default=None, help="override the config's dataset")
@@ -367,7 +370,4 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)

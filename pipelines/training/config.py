@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.cli import json_object_arg
+from pipelines.cli import finite_float_arg, json_object_arg, make_parser
 from pipelines.components.preconditioning import PRECONDITIONINGS
 from pipelines.errors import UserInputError
 
@@ -236,7 +236,7 @@ def _value_type(name: str) -> tuple[type, bool]:
 
 
 def _parse_function(base: type, optional: bool) -> Callable[[str], Any]:
-    parse = {dict: json_object_arg, tuple: float}.get(base, base)
+    parse = {dict: json_object_arg, tuple: finite_float_arg, float: finite_float_arg}.get(base, base)
     if not optional:
         return parse
 
@@ -266,7 +266,7 @@ def _help_text(f: dataclasses.Field) -> str:
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The ``train_unconditional.py`` parser, one flag per ``TrainConfig`` field."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(description)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f in FIELDS.items():
         if f.metadata["group"] not in groups:
