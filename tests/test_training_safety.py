@@ -260,10 +260,17 @@ def test_resume_onto_other_data_or_a_shorter_duration_is_refused(checkpoint_run,
         resume(datasets["other16"], steps=1)  # (the checkpoint at 24 records the data it continued on)
 
 
-def test_infinite_duration_is_an_argument_error(datasets, tmp_path):
+def test_infinite_duration_is_an_argument_error(datasets, tmp_path, capsys):
+    argv = ["--dataset", datasets["frames16"], "--output_dir", str(tmp_path / "o"), "--duration_kimg", "inf"]
+    with pytest.raises(SystemExit) as exit_info:  # the flag's own type: argparse's exit code 2
+        train_unconditional.main(argv)
+    assert exit_info.value.code == 2
+    assert "--duration_kimg: expected a finite number, got 'inf'" in capsys.readouterr().err
+    from pipelines.training.config import TrainConfig, validate_config
+
     with pytest.raises(ConfigError, match=r"--duration_kimg: expected a finite number, got inf"):
-        train_unconditional.main(["--dataset", datasets["frames16"], "--output_dir", str(tmp_path / "o"),
-                                  "--duration_kimg", "inf"])
+        validate_config(TrainConfig(dataset=datasets["frames16"], output_dir=str(tmp_path / "o"),
+                                    duration_kimg=float("inf")))  # a config built in code, not from flags
 
 
 def test_a_failed_export_leaves_no_half_written_pipeline(datasets, tmp_path, monkeypatch):
