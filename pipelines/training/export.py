@@ -92,16 +92,27 @@ def training_card_section(run_info: dict[str, Any], ema_halflife_kimg: float | N
 def export_pipelines(cfg, ema, sampling_net, scheduler, output_dir: Path, run_info: dict[str, Any]) -> list[Path]:
     """save_pretrained of one pipeline per EMA half-life (EMA weights), each with its model card; the run
     info goes to ``<output_dir>/run_info.json``. Returns the folders, ``<output_dir>/pipeline`` first."""
-    from pipelines import hub
 
     atomic_write_json(output_dir / RUN_INFO_FILE, run_info, sort_keys=True)
-    repo_id = cfg.hub_model_id or f"echodiff-{cfg.arch}-{cfg.precond}"
     dirs = []
     for index, half_life in enumerate(cfg.ema_halflife_kimg):
         target = output_dir / ("pipeline" if index == 0 else f"pipeline_ema{half_life:g}kimg")
         ema.copy_to(sampling_net, index)
-        sampling_pipeline(sampling_net, scheduler).save_pretrained(str(target))
-        hub.write_model_card(target, repo_id, sections=[training_card_section(run_info, half_life)])
+        pipe = sampling_pipeline(sampling_net, scheduler)
+        pipe.save_pretrained(str(target))
+        write_pipeline_card(cfg, pipe, target, run_info, half_life)
         dirs.append(target)
     return dirs
+
+
+def write_pipeline_card(cfg, pipe, target: Path, run_info: dict[str, Any], half_life: float) -> Path:
+    """The exported pipeline's card: its training data as the dataset's build records it, a grid of this
+    pipeline's own samples, the training section; the usage id is the Hub repo only when one is named."""
+    from pipelines import hub
+
+    grid = None
+    if cfg.num_sample_images > 0:
+        grid = sample_images(pipe, cfg.num_sample_images, cfg.sample_steps, next(pipe.unet.parameters()).device)
+    return hub.write_model_card(target, cfg.hub_model_id, training_dataset=cfg.dataset, sample_grid=grid,
+                                sections=[training_card_section(run_info, half_life)])
 
