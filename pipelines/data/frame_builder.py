@@ -541,6 +541,23 @@ def render_dataset_card(summary: dict, template_path: str | os.PathLike | None =
     return str(card)
 
 
+def prepare_dataset_repo(api, repo_id: str, private: bool, echonet_derived: bool, what: str) -> None:
+    """Create the Hub dataset repo if it is new; refuse EchoNet-derived data for a public one, existing or not
+    (``private`` applies only when the Hub creates the repo, so its actual visibility is read back)."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if echonet_derived and not private:
+        raise PermissionError(f"{what} may be pushed only to a private repository (drop --public / --hub_public)")
+    try:
+        existing = api.repo_info(repo_id, repo_type="dataset")
+    except RepositoryNotFoundError:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        existing = api.repo_info(repo_id, repo_type="dataset")
+    if echonet_derived and not existing.private:
+        raise PermissionError(f"Hub dataset {repo_id!r} is public: {what} may go only into a private repository "
+                              "(make it private on the Hub, or push to a new name)")
+
+
 def push_frame_dataset(dataset_dir: str | os.PathLike, repo_id: str, *, agree_to_research_use_agreement: bool = False,
                        private: bool = True, token: str | None = None, api=None) -> str:
     """Push a built frame dataset to the Hub (private by default) with its card and build summary.
@@ -556,7 +573,6 @@ def push_frame_dataset(dataset_dir: str | os.PathLike, repo_id: str, *, agree_to
                               "for a private repository only you (and others under the agreement) can read")
     import datasets
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
 
     folder = Path(dataset_dir)
     if not (folder / "dataset_dict.json").exists():
@@ -564,20 +580,8 @@ def push_frame_dataset(dataset_dir: str | os.PathLike, repo_id: str, *, agree_to
     summary = json.loads((folder / SUMMARY_FILE).read_text()) if (folder / SUMMARY_FILE).is_file() else {}
     # A build that recorded no source is treated as EchoNet-Dynamic: the safe side.
     echonet_derived = summary.get("data_source", {}).get("kind") != DATA_SOURCE_SYNTHETIC
-    if echonet_derived and not private:
-        raise PermissionError(f"dataset_dir={str(folder)!r} holds EchoNet-Dynamic frames: they may be pushed only to "
-                              "a private repository (drop --public)")
     api = api or HfApi(token=token)
-    try:
-        existing = api.repo_info(repo_id, repo_type="dataset")
-    except RepositoryNotFoundError:
-        existing = None
-    if existing is None:
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        existing = api.repo_info(repo_id, repo_type="dataset")  # the visibility the Hub actually gave it
-    if echonet_derived and not existing.private:
-        raise PermissionError(f"Hub dataset {repo_id!r} is public: EchoNet-Dynamic frames from {str(folder)!r} may go "
-                              "only into a private repository (make it private on the Hub, or push to a new name)")
+    prepare_dataset_repo(api, repo_id, private, echonet_derived, f"EchoNet-Dynamic frames from {str(folder)!r}")
     # Card first: push_to_hub keeps an existing card's text and adds its dataset_info metadata to it.
     for name in ("README.md", SUMMARY_FILE):
         api.upload_file(path_or_fileobj=str(folder / name), path_in_repo=name, repo_id=repo_id, repo_type="dataset")
