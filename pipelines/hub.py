@@ -50,9 +50,13 @@ def training_data_facts(dataset: str | os.PathLike | None) -> dict:
     name = "EchoNet-Dynamic frames (build_echonet_frames.py)"
     note = ("Derived from EchoNet-Dynamic (Stanford; access through Stanford AIMI), released under a research use "
             "agreement that forbids redistribution: check it before using generated images or this model.")
-    if kind is None:
-        name = f"the frame dataset {text!r} (its build records no source; EchoNet-Dynamic terms assumed)"
-    return {"kind": kind or "unrecorded", "name": name, "dataset_type": "echonet-dynamic",
+    dataset_type = "echonet-dynamic"
+    if kind is None:  # not known: say so, and take EchoNet-Dynamic's terms (the safe side)
+        name = f"the frame dataset {text!r} (its build records no source)"
+        dataset_type = "echonet-layout-frames"
+        note = ("Whether it is EchoNet-Dynamic or synthetic data is not recorded, so EchoNet-Dynamic's research use "
+                "agreement (no redistribution) is assumed: check the data's origin before sharing this model.")
+    return {"kind": kind or "unrecorded", "name": name, "dataset_type": dataset_type,
             "license": dict(ECHONET_LICENSE), "datasets": hub_ids, "note": note}
 
 

@@ -177,4 +177,6 @@ def test_card_from_a_hub_dataset_lists_it_and_unrecorded_data_gets_echonet_terms
     write_model_card(tmp_path, "someone/model", metrics={"FID": 3.0}, training_dataset="someone/echonet-frames")
     header, card = _header(tmp_path)
     assert header["datasets"] == ["someone/echonet-frames"] and header["license"] == "other"
+    assert header["model-index"][0]["results"][0]["dataset"]["type"] == "echonet-layout-frames"
+    assert "is not recorded" in card.text.split("## Training data")[1]
     assert "not recorded" in card.text  # no evaluation given: the card does not invent a sample size
