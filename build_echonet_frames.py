@@ -34,8 +34,8 @@ def main(argv=None):
                         help="fail when more than this fraction of videos is unusable")
     parser.add_argument("--overwrite", action="store_true", help="rebuild an existing output folder")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="push to this (private) dataset repo")
-    parser.add_argument("--public", action="store_true", help="make the pushed repo public (breaks the agreement "
-                        "unless you have separate permission)")
+    parser.add_argument("--public", action="store_true", help="make the pushed repo public: synthetic frames only "
+                        "(EchoNet-derived frames are refused, as is an existing public repo)")
     parser.add_argument("--agree_to_research_use_agreement", action="store_true",
                         help="confirm the push stays within EchoNet-Dynamic's research-use agreement")
     args = parser.parse_args(argv)

@@ -9,6 +9,8 @@ Subcommands (each writes a JSON of results into --output_dir):
   guidance-sweep  FID / KID over guidance weights and sigma intervals (autoguidance, DG, both) on one protocol
   sweep        the Table 1 grid: train each configured run, score it, write the table
   phema-sweep  post-hoc EMA (EDM2): FID per reconstructed EMA length of a --phema run, the best exported
+  export-samples  generation shards -> a PNG folder (+ metadata.csv), a datasets image dataset (frame schema,
+               --push_to_hub private) or an EchoNet-layout folder (FileList.csv + Videos/) for the builder
 
 Examples:
   python evaluate.py fid --model runs/edm-ddpmpp --dataset data/frames64 --seeds 0-49999
@@ -19,6 +21,7 @@ Examples:
   python evaluate.py phema-sweep --run runs/edm2-s --dataset data/frames64 --ema_std 0.03,0.05,0.07,0.1,0.15
   python evaluate.py fid-vs-nfe --model runs/edm-adm --dataset data/frames64 --samplers heun,dpmpp2m,unipc
   accelerate launch evaluate.py fid --model user/echodiff-adm --dataset user/echonet-frames
+  python evaluate.py export-samples --samples runs/eval/samples-steps30 --format echonet --output_dir gen/echonet
 """
 
 from __future__ import annotations
@@ -171,7 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.evaluation import sweep as sweep_lib
 
     sweep_lib.build_parser(add_subparser(sub, "sweep", help="Table 1 grid (configs/sweep_table1.yaml, configs/sweep_demo.yaml)"))
+
+    export = add_subparser(sub, "export-samples", help="generation shards -> PNG folder, datasets dataset or EchoNet layout")
+    export.add_argument("--samples", required=True, help="folder of generation shards (shard-*.npz)")
+    export.add_argument("--format", required=True, choices=("png", "dataset", "echonet"),
+                        help="png: <seed>.png + metadata.csv; dataset: datasets save_to_disk (frame schema); "
+                             "echonet: FileList.csv + Videos/ (build_echonet_frames.py reads it)")
+    export.add_argument("--output_dir", required=True, help="where the export goes")
+    export.add_argument("--seeds", default=None, help="only these seeds, EDM style (default: every sample)")
+    export.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
+                        help="--format dataset: also push it to this (private) Hub dataset repo")
     return parser
+
+
+def _export_samples(args) -> dict:
+    from pipelines.evaluation.sample_export import EXPORTERS
+
+    if args.push_to_hub and args.format != "dataset":
+        raise UserInputError("--push_to_hub works with --format dataset only")
+    extra = {"push_to_hub": args.push_to_hub} if args.format == "dataset" else {}
+    EXPORTERS[args.format](args.samples, args.output_dir, seeds=args.seeds, **extra)
+    print(f"exported {args.samples} as {args.format} to {args.output_dir}")
+    return {"format": args.format, "output_dir": str(args.output_dir)}
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -180,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         from pipelines.evaluation import sweep as sweep_lib
 
         return sweep_lib.main(args=args)
+    if args.command == "export-samples":
+        return _export_samples(args)
 
     from pipelines.data.frame_reader import load_frames
     from pipelines.evaluation import protocol as ev

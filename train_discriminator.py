@@ -5,7 +5,8 @@ Stages (``--stages``, default all three; each resumes where it stopped):
           per epoch (safetensors) under <output_dir>/checkpoints; tensorboard logs in <output_dir>/logs
   select  FID of DG samples for each saved epoch (the paper's epoch selection) ->
           <output_dir>/epoch_selection.json and .md
-  export  <output_dir>/pipeline: the unguided pipeline + the best epoch's discriminator (+ dg_settings.json)
+  export  <output_dir>/pipeline: the unguided pipeline + the best epoch's discriminator (+ dg_settings.json),
+          with its model card (README.md, samples.png); --push_to_hub uploads it, privately by default
 
 Examples:
   python train_discriminator.py --model runs/edm-adm/pipeline --dataset data/frames64 \\
@@ -81,12 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--dg_sigma_min", type=finite_float_arg, default=DG_SIGMA_MIN,
                      help=f"guidance interval start (default {DG_SIGMA_MIN})")
     sel.add_argument("--dg_sigma_max", type=finite_float_arg, default=None, help="guidance window end (default: none)")
+    hub = p.add_argument_group("publishing")
+    hub.add_argument("--push_to_hub", action="store_true", help="upload <output_dir>/pipeline (with its card) "
+                     "to the Hub after the export stage")
+    hub.add_argument("--hub_model_id", default=None, help="Hub repo for --push_to_hub, e.g. your-name/echodiff-dg")
+    hub.add_argument("--hub_public", action="store_true", help="make a new Hub repo public (default private: "
+                     "a model of EchoNet-Dynamic data stays under its research-use agreement)")
     p.add_argument("--no_progress_bar", action="store_true", help="hide progress bars")
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, hub_api=None) -> dict:
+    """``hub_api``: the ``huggingface_hub.HfApi`` of ``--push_to_hub`` (default: a new one)."""
     args = build_parser().parse_args(argv)
+    if args.push_to_hub and not args.hub_model_id:
+        raise UserInputError("--push_to_hub needs --hub_model_id (e.g. your-name/echodiff-dg)")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not stages or sorted(set(stages) - set(STAGES)):
         raise UserInputError(f"--stages must list train, select and/or export, got {args.stages!r}")
@@ -112,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
         best, table = _select_stage(args, pipeline, dg_kwargs, accelerator)
         summary.update(best_epoch=best, table=table, table_md=str(out / "epoch_selection.md"))
     if "export" in stages and accelerator.is_main_process:
-        summary["pipeline"] = str(_export_stage(out, pipeline, best, dg_kwargs))
+        summary["pipeline"] = str(_export_stage(args, out, pipeline, best, dg_kwargs))
+        if args.push_to_hub:
+            summary["hub_commit"] = str(_push_stage(args, Path(summary["pipeline"]), hub_api))
     accelerator.end_training()
     if accelerator.is_main_process:
         from pipelines.utils import atomic_write_json
@@ -169,7 +181,27 @@ def _select_stage(args, pipeline, dg_kwargs: dict, accelerator) -> tuple[int, li
     return best, table
 
 
-def _export_stage(out: Path, pipeline, best: int | None, dg_kwargs: dict) -> Path:
+def _card_options(args, repo_id: str | None) -> dict:
+    return {"training_dataset": args.dataset, "repo_id": repo_id, "model": args.model, "grid_steps": args.steps,
+            "reference": f"{args.num_ref:,} real frames at most ({args.split} split of {args.dataset})"}
+
+
+def _push_stage(args, folder: Path, hub_api):
+    """Upload the exported DG pipeline; its card is rewritten for the repo the Hub made (namespace included)."""
+    from pipelines import hub
+    from pipelines.training import discriminator as dg
+
+    def write_card(target: Path, repo_id: str) -> None:
+        settings = json.loads((target / "dg_settings.json").read_text())
+        pipe = hub.load_pipeline(target)
+        dg.write_guided_pipeline_card(target, pipe, settings["sampler"], settings["selection"],
+                                      **_card_options(args, repo_id))
+
+    return hub.push_folder(folder, args.hub_model_id, private=not args.hub_public, api=hub_api,
+                           commit_message="Upload EchoDiff DG pipeline (train_discriminator.py)", write_card=write_card)
+
+
+def _export_stage(args, out: Path, pipeline, best: int | None, dg_kwargs: dict) -> Path:
     from pipelines.training import discriminator as dg
 
     selection_path = out / "epoch_selection.json"
@@ -183,7 +215,8 @@ def _export_stage(out: Path, pipeline, best: int | None, dg_kwargs: dict) -> Pat
 
     check_finite_module(disc, f"discriminator of epoch {best} under {out / 'checkpoints'}")
     folder = dg.export_guided_pipeline(pipeline, disc, out / "pipeline", _jsonable(dg_kwargs),
-                                       {**selection, "exported_epoch": best})
+                                       {**selection, "exported_epoch": best},
+                                       card=_card_options(args, args.hub_model_id if args.push_to_hub else None))
     print(f"DG pipeline (epoch {best}) written to {folder}")
     return folder
 

@@ -294,8 +294,11 @@ def untrained_pipeline(cfg: DemoConfig, channels: int):
     return pipe
 
 
-def export_pipeline(train_dir: Path, target: Path, metrics: dict[str, float], repo_id: str) -> Path:
-    """Copy of the trained pipeline whose model card carries the demo's metrics and the training section."""
+def export_pipeline(train_dir: Path, target: Path, metrics: dict[str, float], evaluation: dict,
+                    sample_grid: Path | None = None) -> Path:
+    """Copy of the trained pipeline whose model card carries the demo's metrics (``evaluation``: how many
+    generated images against which real set), a sample grid and the training section; not pushed, so the
+    card's usage example loads the folder."""
     from pipelines import hub
     from pipelines.training.export import RUN_INFO_FILE, training_card_section
 
@@ -303,9 +306,8 @@ def export_pipeline(train_dir: Path, target: Path, metrics: dict[str, float], re
         shutil.rmtree(target)
     shutil.copytree(train_dir / "pipeline", target)
     run_info = json.loads((train_dir / RUN_INFO_FILE).read_text())
-    hub.write_model_card(target, repo_id, metrics=metrics,
-                         card_data={"dataset_name": "synthetic EchoNet-layout frames (EchoDiff demo)"},
-                         sections=[training_card_section(run_info)])
+    hub.write_model_card(target, None, metrics=metrics, training_dataset=run_info.get("dataset"),
+                         evaluation=evaluation, sample_grid=sample_grid, sections=[training_card_section(run_info)])
     return target
 
 
@@ -460,8 +462,9 @@ def write_grids_and_pipeline(cfg: DemoConfig, out: Path, frames, sample_dirs: di
     n_gen, n_real = t["num_generated"], t["num_real"]
     setting = f"{n_gen} generated vs {n_real} real, {t['sampler']} {t['nfe']} NFE, {t['precision']}, demo"
     card_metrics = {f"FID ({setting})": round(t["fid"], 3), f"KID ({setting})": round(t["kid"], 5)}
-    pipeline_dir = export_pipeline(train_dir, out / "pipeline", card_metrics,
-                                   repo_id=f"echodiff-demo-{cfg.arch}-{cfg.precond}")
+    evaluation = {"num_generated": n_gen, "reference": f"{n_real} real frames ({cfg.split} split of the demo's "
+                  "synthetic frame dataset)"}
+    pipeline_dir = export_pipeline(train_dir, out / "pipeline", card_metrics, evaluation, sample_grid=grid)
     return {"samples_grid": str(grid), "untrained_grid": str(untrained_grid), "real_grid": str(real_grid),
             "pipeline": str(pipeline_dir), "model_card": str(pipeline_dir / "README.md")}
 

@@ -4,11 +4,16 @@
 (remote-code layout, see ``EchoDiffPipeline.save_pretrained``), renders ``model_cards/echodiff_model_card.md``
 with huggingface_hub's ``ModelCard`` (metrics go to the card's ``model-index``) and uploads the folder.
 The ``HfApi`` is injectable, so the whole path runs offline in tests.
+
+A card states only what is recorded: the training data (and so the licence and the model-index dataset) from
+the frame dataset's own build record (:func:`training_data_facts`), the number of generated images and the
+reference set of its metrics from ``evaluation``, the usage id from the real repo (a local path until pushed).
 """
 
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,12 +21,44 @@ from pathlib import Path
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from safetensors import SafetensorError, safe_open
 
+from pipelines.data.layout import ECHONET_LICENSE, SYNTHETIC_DATA_LICENSE
 from pipelines.errors import MissingInputError, NonFiniteError, UserInputError
-from pipelines.utils import MODEL_CARDS_DIR, looks_like_local_path
+from pipelines.utils import MODEL_CARDS_DIR, looks_like_local_path, save_image_grid
 
 MODEL_CARD_TEMPLATE = MODEL_CARDS_DIR / "echodiff_model_card.md"
 DEFAULT_TAGS = ["diffusers", "echodiff", "edm", "unconditional-image-generation", "medical-imaging", "echocardiography"]
-DEFAULT_DATASET = ("echonet-dynamic", "EchoNet-Dynamic frames (1 in 5, 64x64)")
+SAMPLE_GRID_FILE = "samples.png"  # saved next to the card (README.md) and shown in it
+
+
+def training_data_facts(dataset: str | os.PathLike | None) -> dict:
+    """What a card says about the training data, from the frame dataset's own build record.
+
+    Returns ``kind`` ("synthetic", "echonet-dynamic" or "unrecorded"), ``name`` (text), ``dataset_type``
+    (model-index), ``license`` (card fields), ``datasets`` (Hub ids: only a Hub dataset has one) and
+    ``note``. Unrecorded data (a Hub id, an older build) is treated as EchoNet-Dynamic: the safe terms.
+    """
+    from pipelines.data.frame_reader import recorded_data_source
+
+    text = None if dataset is None else str(dataset)
+    local = text is not None and (Path(text).expanduser().exists() or looks_like_local_path(text))
+    kind = recorded_data_source(text)["kind"] if local else None
+    hub_ids = [text] if text is not None and not local else []
+    if kind == "synthetic":
+        return {"kind": "synthetic", "name": "EchoDiff synthetic EchoNet-layout frames (make_synthetic_echonet.py)",
+                "dataset_type": "echodiff-synthetic-echonet", "license": dict(SYNTHETIC_DATA_LICENSE),
+                "datasets": hub_ids, "note": "Synthetic videos made by EchoDiff's generator: no patient data and "
+                "no EchoNet-Dynamic data; a test of the pipeline, not a model of real echocardiograms."}
+    name = "EchoNet-Dynamic frames (build_echonet_frames.py)"
+    note = ("Derived from EchoNet-Dynamic (Stanford; access through Stanford AIMI), released under a research use "
+            "agreement that forbids redistribution: check it before using generated images or this model.")
+    dataset_type = "echonet-dynamic"
+    if kind is None:  # not known: say so, and take EchoNet-Dynamic's terms (the safe side)
+        name = f"the frame dataset {text!r} (its build records no source)"
+        dataset_type = "echonet-layout-frames"
+        note = ("Whether it is EchoNet-Dynamic or synthetic data is not recorded, so EchoNet-Dynamic's research use "
+                "agreement (no redistribution) is assumed: check the data's origin before sharing this model.")
+    return {"kind": kind or "unrecorded", "name": name, "dataset_type": dataset_type,
+            "license": dict(ECHONET_LICENSE), "datasets": hub_ids, "note": note}
 
 
 def _read_json(path: Path) -> dict:
@@ -79,10 +116,19 @@ def _metric_type(name: str) -> str:
 
 
 def build_card_data(model_name: str, metrics: Mapping[str, float] | None = None, card_data: Mapping | None = None,
-                    dataset_type: str = DEFAULT_DATASET[0], dataset_name: str = DEFAULT_DATASET[1]) -> ModelCardData:
-    """``ModelCardData`` for an EchoDiff model; ``metrics`` ({name: value}) become model-index eval results."""
+                    training_data: Mapping | None = None, dataset_name: str | None = None) -> ModelCardData:
+    """``ModelCardData`` for an EchoDiff model; ``metrics`` ({name: value}) become model-index eval results on
+    ``dataset_name`` (the reference set); the licence, ``datasets`` and dataset type come from ``training_data``
+    (:func:`training_data_facts`); ``card_data`` overrides any field."""
+    training_data = training_data or training_data_facts(None)
+    dataset_type = training_data["dataset_type"]
+    dataset_name = dataset_name or training_data["name"]
     fields = {"library_name": "diffusers", "pipeline_tag": "unconditional-image-generation", "tags": list(DEFAULT_TAGS),
-              "model_name": model_name}
+              "model_name": model_name, **training_data["license"]}
+    if training_data["kind"] == "synthetic":
+        fields["tags"].append("synthetic-data")
+    if training_data["datasets"]:
+        fields["datasets"] = list(training_data["datasets"])
     fields.update(card_data or {})
     eval_results = []
     for name, value in (metrics or {}).items():
@@ -96,27 +142,56 @@ def build_card_data(model_name: str, metrics: Mapping[str, float] | None = None,
     return ModelCardData(**fields)
 
 
-def render_model_card(folder: str | os.PathLike, repo_id: str, metrics: Mapping[str, float] | None = None,
+def render_model_card(folder: str | os.PathLike, repo_id: str | None = None, metrics: Mapping[str, float] | None = None,
                       card_data: Mapping | None = None, sections: Sequence[str] = (),
-                      template_path: str | os.PathLike = MODEL_CARD_TEMPLATE) -> ModelCard:
-    """The model card of the pipeline saved in ``folder``: the template, then each of ``sections`` (Markdown)."""
+                      template_path: str | os.PathLike = MODEL_CARD_TEMPLATE, training_dataset: str | None = None,
+                      evaluation: Mapping | None = None, sample_grid: str | None = None,
+                      location: str | os.PathLike | None = None) -> ModelCard:
+    """The model card of the pipeline saved in ``folder``: the template, then each of ``sections`` (Markdown).
+
+    ``repo_id``: the Hub repo (the usage example loads it); None: not pushed, the example loads ``folder``.
+    ``training_dataset``: the frame dataset it was trained on (folder or Hub id; see :func:`training_data_facts`).
+    ``evaluation``: how ``metrics`` were measured, ``{"num_generated": N, "reference": "what real set"}``; the
+    card says so when it is not given. ``sample_grid``: a file in ``folder`` the card shows. ``location``: where
+    the folder will live when it is written aside and renamed (the unpushed usage example and the name use it).
+    """
+    location = Path(location if location is not None else folder)
     if not Path(template_path).is_file():
         raise FileNotFoundError(f"model card template {template_path} not found")
     card_data = dict(card_data or {})
-    dataset = (card_data.pop("dataset_type", DEFAULT_DATASET[0]), card_data.pop("dataset_name", DEFAULT_DATASET[1]))
-    model_name = card_data.pop("model_name", repo_id.split("/")[-1])
-    data = build_card_data(model_name, metrics, card_data, dataset_type=dataset[0], dataset_name=dataset[1])
+    training_data = training_data_facts(training_dataset)
+    evaluation = dict(evaluation or {})
+    reference = evaluation.get("reference")
+    model_name = card_data.pop("model_name", (repo_id or location.resolve().name).split("/")[-1])
+    data = build_card_data(model_name, metrics, card_data, training_data=training_data, dataset_name=reference)
     facts = describe_pipeline_folder(folder)
-    return ModelCard.from_template(data, template_path=str(template_path), repo_id=repo_id, model_name=model_name,
-                                   metrics=dict(metrics or {}), dataset_name=dataset[1],
-                                   sections=[s.strip("\n") for s in sections], **facts)
+    return ModelCard.from_template(data, template_path=str(template_path), repo_id=repo_id,
+                                   usage_id=repo_id or str(location), model_name=model_name,
+                                   metrics=dict(metrics or {}), training_data=training_data, evaluation=evaluation,
+                                   sample_grid=sample_grid, sections=[s.strip("\n") for s in sections], **facts)
 
 
-def write_model_card(folder: str | os.PathLike, repo_id: str, metrics: Mapping[str, float] | None = None,
-                     card_data: Mapping | None = None, sections: Sequence[str] = ()) -> Path:
-    """Render the card (see :func:`render_model_card`) into ``folder/README.md``."""
+def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, metrics: Mapping[str, float] | None = None,
+                     card_data: Mapping | None = None, sections: Sequence[str] = (), training_dataset: str | None = None,
+                     evaluation: Mapping | None = None, sample_grid=None,
+                     template_path: str | os.PathLike = MODEL_CARD_TEMPLATE,
+                     location: str | os.PathLike | None = None) -> Path:
+    """Render the card (see :func:`render_model_card`) into ``folder/README.md``; ``sample_grid`` (uint8
+    images (N, C, H, W), or a PNG path) is saved as ``folder/samples.png`` and shown in the card."""
     path = Path(folder) / "README.md"
-    render_model_card(folder, repo_id, metrics, card_data, sections).save(str(path))
+    grid_name = None
+    if sample_grid is not None:
+        grid_name = SAMPLE_GRID_FILE
+        if isinstance(sample_grid, (str, os.PathLike)):
+            if Path(sample_grid).resolve() != (Path(folder) / grid_name).resolve():
+                shutil.copyfile(sample_grid, Path(folder) / grid_name)
+        else:
+            save_image_grid(sample_grid, Path(folder) / grid_name, padding=0)
+    elif (Path(folder) / SAMPLE_GRID_FILE).is_file():
+        grid_name = SAMPLE_GRID_FILE  # a re-rendered card keeps the grid already there
+    render_model_card(folder, repo_id, metrics, card_data, sections, template_path=template_path,
+                      training_dataset=training_dataset, evaluation=evaluation, sample_grid=grid_name,
+                      location=location).save(str(path))
     return path
 
 
@@ -125,32 +200,63 @@ def _check_repo_id(repo_id: str) -> None:
         raise UserInputError(f"repo_id must look like 'name' or 'user/name', got {repo_id!r}")
 
 
+def _point_card_at(folder: Path, given_id: str, repo_id: str) -> None:
+    """A card rendered for a bare repo name (the Hub adds the caller's namespace): its usage lines name the
+    repo that now exists."""
+    card = folder / "README.md"
+    if given_id == repo_id or not card.is_file():
+        return
+    text = card.read_text(encoding="utf-8")
+    for before, after in ((f'"{given_id}"', f'"{repo_id}"'), (f"--model {given_id} ", f"--model {repo_id} ")):
+        text = text.replace(before, after)
+    card.write_text(text, encoding="utf-8")
+
+
 def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = True, api: HfApi | None = None,
-                token: str | None = None, commit_message: str | None = None):
-    """Upload a saved folder as it is (its README.md included) to a Hub model repo; private by default."""
+                token: str | None = None, commit_message: str | None = None, write_card=None):
+    """Upload a saved folder as it is (its README.md included) to a Hub model repo; private by default.
+
+    ``write_card(folder, full_repo_id)``, if given, writes the card once the repo exists (so its usage example
+    names the real id, namespace included); otherwise a card made for a bare name is pointed at the real id.
+    """
     _check_repo_id(repo_id)
     api = api if api is not None else HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+    if write_card is not None:
+        write_card(Path(folder), repo_url.repo_id)
+    else:
+        _point_card_at(Path(folder), repo_id, repo_url.repo_id)
     return api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(folder), repo_type="model", token=token,
                              commit_message=commit_message or "Upload EchoDiff pipeline")
 
 
 def push_pipeline(pipeline_or_folder, repo_id: str, private: bool = True, metrics: Mapping[str, float] | None = None,
                   card_data: Mapping | None = None, sections: Sequence[str] = (), api: HfApi | None = None,
-                  token: str | None = None, commit_message: str | None = None):
+                  token: str | None = None, commit_message: str | None = None, training_dataset: str | None = None,
+                  evaluation: Mapping | None = None, sample_grid=None):
     """Save a pipeline (to a temporary folder) or take a saved folder, write its card, upload it.
 
-    Returns the ``upload_folder`` result. ``api`` defaults to ``HfApi(token=token)``.
+    Returns the ``upload_folder`` result. ``api`` defaults to ``HfApi(token=token)``. The card's other
+    arguments are :func:`write_model_card`'s.
     """
     _check_repo_id(repo_id)
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(pipeline_or_folder, (str, os.PathLike)):
             folder = Path(pipeline_or_folder)
+            if not (folder / "model_index.json").is_file():
+                raise FileNotFoundError(f"{folder / 'model_index.json'} not found: expected a folder written by "
+                                        "EchoDiffPipeline.save_pretrained")
         else:
             folder = Path(tmp)
             pipeline_or_folder.save_pretrained(folder)
-        write_model_card(folder, repo_id, metrics, card_data, sections)
-        return push_folder(folder, repo_id, private=private, api=api, token=token, commit_message=commit_message)
+
+        def write_card(target: Path, full_id: str) -> None:
+            write_model_card(target, full_id, metrics, card_data, sections, training_dataset=training_dataset,
+                             evaluation=evaluation, sample_grid=sample_grid)
+
+        write_card(folder, repo_id)  # bad metrics or folders fail here, before the Hub is touched
+        return push_folder(folder, repo_id, private=private, api=api, token=token, commit_message=commit_message,
+                           write_card=write_card)
 
 
 # Component libraries a saved pipeline may name in model_index.json (diffusers' own loadable libraries);

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,6 +167,24 @@ def test_select_best_epoch_picks_minimum_records_tables_and_resumes(tmp_path):
 
 
 # ------------------------------------------------------------------ train_discriminator.py end to end
+class FakeHfApi:
+    """Records the repo creation and the files of each uploaded folder (the Hub adds a bare name's namespace)."""
+
+    def __init__(self):
+        self.created, self.uploads = [], []
+
+    def create_repo(self, repo_id, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        self.created.append((repo_id, kwargs))
+        return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'token-owner/' + repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+        self.uploads.append((repo_id, files, kwargs))
+        return "fake-commit"
+
+
 def test_train_discriminator_cli_trains_selects_by_fid_and_exports_a_dg_pipeline(tmp_path):
     import train_discriminator
     from pipelines.components.pipeline_echodiff import EchoDiffPipeline
@@ -186,9 +205,11 @@ def test_train_discriminator_cli_trains_selects_by_fid_and_exports_a_dg_pipeline
     argv = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "frames"), "--output_dir", str(out),
             "--generate_fake", "16", "--num_real", "16", "--steps", "3", "--tiny", "--epochs", "2",
             "--batch_size", "8", "--val_fraction", "0.25", "--val_buckets", "2", "--selection_seeds", "0-5",
-            "--num_ref", "16", "--cache_dir", str(tmp_path / "cache"), "--no_progress_bar"]
+            "--num_ref", "16", "--cache_dir", str(tmp_path / "cache"), "--no_progress_bar",
+            "--push_to_hub", "--hub_model_id", "dg-tiny"]
+    api = FakeHfApi()
     try:
-        summary = train_discriminator.main(argv)
+        summary = train_discriminator.main(argv, hub_api=api)
     finally:
         reset_accelerate_state()
     assert saved_epochs(out) == [1, 2]
@@ -210,3 +231,17 @@ def test_train_discriminator_cli_trains_selects_by_fid_and_exports_a_dg_pipeline
     guided = pipe(seeds=[0, 1], num_inference_steps=3, output_type="latent", **settings["sampler"]).images
     plain = pipe(seeds=[0, 1], num_inference_steps=3, output_type="latent").images
     assert guided.shape == (2, 1, 16, 16) and not torch.equal(guided, plain)
+
+    # The exported folder carries a card (none before), and the push uploads it privately, named for the real repo.
+    from huggingface_hub import ModelCard
+
+    (repo_id, create_kwargs), = api.created
+    assert repo_id == "dg-tiny" and create_kwargs["private"] is True
+    (upload_repo, files, _), = api.uploads
+    assert upload_repo == "token-owner/dg-tiny" and {"README.md", "samples.png", "dg_settings.json"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    result, = card.data.eval_results
+    assert result.metric_value == fids[selection["best_epoch"]] and result.dataset_type == "echodiff-synthetic-echonet"
+    assert card.data.license == "unknown"  # synthetic training frames: not EchoNet-Dynamic's terms
+    assert "over 6 generated" in card.text and f"epoch {selection['best_epoch']}" in card.text
+    assert 'from_pretrained("token-owner/dg-tiny"' in card.text and "## Discriminator Guidance" in card.text

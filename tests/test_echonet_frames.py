@@ -91,8 +91,8 @@ def test_splits_counts_resolution(echonet, built):
             assert idx == list(range(0, int(r["NumberOfFrames"]), 5))
     assert summary["total_frames"] == sum(math.ceil(int(r["NumberOfFrames"]) / 5) for r in filelist)
     assert summary["counts"] == {"built": 8, "bad": 0, "excluded_by_split": 0, "excluded_by_max_videos": 0}
-    assert all(len(b) == 64 * 64 for b in dd["train"]["image"])
-    assert "research use agreement" in (out / "README.md").read_text()
+    assert all(im.size == (64, 64) and im.mode == "L" for im in dd["train"]["image"])
+    assert "synthetic" in (out / "README.md").read_text()  # the fixture's videos are synthetic
 
 
 def test_pixels_match_an_independent_decode(echonet, built, tmp_path):
@@ -100,7 +100,7 @@ def test_pixels_match_an_independent_decode(echonet, built, tmp_path):
     row = dd["train"][1]
     frames = decode_gray(echonet / "Videos" / f"{row['video_id']}.avi")
     expected = np.asarray(Image.fromarray(frames[row["frame_index"]]).resize((64, 64), Image.Resampling.LANCZOS))
-    assert np.array_equal(np.frombuffer(row["image"], np.uint8).reshape(64, 64), expected)
+    assert np.array_equal(np.asarray(row["image"]), expected)
     assert row["EF"] == pytest.approx(float(next(r["EF"] for r in read_rows(echonet / "FileList.csv")
                                                  if r["FileName"] == row["video_id"])), rel=1e-6)
     # Native 112 with area filter: no resizing happens, frames are the decoded ones.
@@ -109,7 +109,7 @@ def test_pixels_match_an_independent_decode(echonet, built, tmp_path):
     assert set(native) == {"validation"}
     first = native["validation"][0]
     frames = decode_gray(echonet / "Videos" / f"{first['video_id']}.avi")
-    assert np.array_equal(np.frombuffer(first["image"], np.uint8).reshape(112, 112), frames[first["frame_index"]])
+    assert np.array_equal(np.asarray(first["image"]), frames[first["frame_index"]])
 
 
 def test_traced_frame_flags(echonet, built, tmp_path):
@@ -140,7 +140,7 @@ def test_frame_dataset_access(built):
     assert (ds.resolution, ds.channels, len(ds)) == (64, 1, dd["train"].num_rows)
     item = ds[3]
     assert item["image"].dtype == torch.uint8 and item["image"].shape == (1, 64, 64)
-    assert np.array_equal(item["image"][0].numpy(), np.frombuffer(dd["train"][3]["image"], np.uint8).reshape(64, 64))
+    assert np.array_equal(item["image"][0].numpy(), np.asarray(dd["train"][3]["image"]))
     assert item["video_id"] == dd["train"][3]["video_id"] and item["frame_index"] == dd["train"][3]["frame_index"]
     bulk = ds.images_uint8()
     assert bulk.shape == (len(ds), 1, 64, 64) and bulk.dtype == np.uint8
@@ -338,3 +338,107 @@ def test_command_lines(tmp_path, capsys):
                                                 for r in read_rows(src / "FileList.csv"))
     with pytest.raises(SystemExit):
         build_echonet_frames.main(["--echonet_dir", str(src), "--output_dir", str(tmp_path / "f2"), "--push_to_hub", "a/b"])
+
+
+def test_image_column_reads_as_pil_images_everywhere(built, tmp_path):
+    """What the Hub serves (parquet) loads through datasets' own reader as PIL images; the reader's
+    fast path gives the same pixels."""
+    import datasets
+
+    out, dd = built
+    assert isinstance(dd["train"].features["image"], datasets.Image)
+    dd["train"].to_parquet(str(tmp_path / "train.parquet"))
+    hub_like = datasets.load_dataset("parquet", data_files={"train": str(tmp_path / "train.parquet")})
+    first = hub_like["train"][0]["image"]
+    assert isinstance(first, Image.Image) and first.mode == "L"
+    assert isinstance(hub_like["train"].cast_column("image", datasets.Image())[1]["image"], Image.Image)
+    fast = FrameDataset(out, split="train").images_uint8()
+    assert np.array_equal(fast[:, 0], np.stack([np.asarray(im) for im in dd["train"]["image"]]))
+
+
+def test_datasets_built_with_raw_bytes_still_read(built, tmp_path):
+    import datasets
+
+    out, dd = built
+    pixels = np.stack([np.asarray(im) for im in dd["validation"]["image"]])
+    old = dd["validation"].cast_column("image", datasets.Image(decode=False)).map(
+        lambda row: {"raw": np.asarray(Image.open(__import__("io").BytesIO(row["image"]["bytes"]))).tobytes()},
+        remove_columns=["image"]).rename_column("raw", "image")
+    assert old.features["image"] == datasets.Value("binary")
+    datasets.DatasetDict({"validation": old}).save_to_disk(str(tmp_path / "old"))
+    reader = FrameDataset(tmp_path / "old", split="validation")
+    assert reader.storage == "raw" and np.array_equal(reader.images_uint8()[:, 0], pixels)
+    assert np.array_equal(reader[2]["image"][0].numpy(), pixels[2])
+
+
+def test_build_records_what_the_frames_are(echonet, built, tmp_path):
+    """The synthetic generator's marker makes the build (summary and card) say synthetic; without it, EchoNet."""
+    from huggingface_hub import DatasetCard
+
+    from pipelines.data.frame_reader import recorded_data_source
+
+    out, _ = built
+    assert recorded_data_source(out)["kind"] == "synthetic"
+    card = DatasetCard((out / "README.md").read_text())
+    assert card.data.license == "unknown" and "synthetic" in card.data.tags and "no patient data" in card.text
+    real_like = copy_echonet(echonet, tmp_path)
+    (real_like / "echodiff_synthetic.json").unlink()
+    build_frame_dataset(real_like, tmp_path / "real", splits=["test"], num_workers=0, progress=False, verbose=False)
+    assert recorded_data_source(tmp_path / "real") == {"kind": "echonet-dynamic"}
+    card = DatasetCard((tmp_path / "real" / "README.md").read_text())
+    assert (card.data.license, card.data.license_name) == ("other", "echonet-dynamic-research-use-agreement")
+    assert card.data.license_link.startswith("https://echonet.github.io/dynamic")
+    assert "research use agreement" in card.text and "synthetic" not in card.data.tags
+
+
+class FakeDatasetHub:
+    """Records the Hub calls of a dataset push; ``private`` is the visibility of an existing repo (None: none)."""
+
+    def __init__(self, private):
+        self.existing_private, self.calls = private, []
+
+    def repo_info(self, repo_id, repo_type=None, **kwargs):
+        from types import SimpleNamespace
+
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        self.calls.append(("repo_info", repo_id))
+        if self.existing_private is None:
+            import httpx
+
+            url = f"https://huggingface.co/api/datasets/{repo_id}"
+            raise RepositoryNotFoundError(f"{repo_id} not found",
+                                          response=httpx.Response(404, request=httpx.Request("GET", url)))
+        return SimpleNamespace(id=repo_id, private=self.existing_private)
+
+    def create_repo(self, repo_id, private=None, **kwargs):
+        self.calls.append(("create_repo", repo_id, private))
+        self.existing_private = bool(private)
+
+    def upload_file(self, *, path_in_repo, **kwargs):
+        self.calls.append(("upload_file", path_in_repo))
+
+
+def test_dataset_push_never_lands_echonet_frames_in_a_public_repo(echonet, tmp_path, monkeypatch):
+    import datasets
+
+    pushed = []
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", lambda self, repo_id, **kw: pushed.append((repo_id, kw)))
+    real_like = copy_echonet(echonet, tmp_path)
+    (real_like / "echodiff_synthetic.json").unlink()
+    out = tmp_path / "frames"
+    build_frame_dataset(real_like, out, splits=["test"], num_workers=0, progress=False, verbose=False)
+
+    public = FakeDatasetHub(private=False)  # an existing public repo: create_repo's private= would be ignored
+    with pytest.raises(PermissionError, match="'someone/frames' is public"):
+        push_frame_dataset(out, "someone/frames", agree_to_research_use_agreement=True, api=public)
+    assert not any(c[0] == "upload_file" for c in public.calls) and not pushed
+    with pytest.raises(PermissionError, match="private repository"):
+        push_frame_dataset(out, "someone/frames", agree_to_research_use_agreement=True, private=False,
+                           api=FakeDatasetHub(private=None))
+    new = FakeDatasetHub(private=None)
+    push_frame_dataset(out, "someone/frames", agree_to_research_use_agreement=True, api=new)
+    assert ("create_repo", "someone/frames", True) in new.calls and pushed[-1][1]["private"] is True
+    assert {c[1] for c in new.calls if c[0] == "upload_file"} == {"README.md", "build_summary.json"}
+    push_frame_dataset(out, "someone/frames", agree_to_research_use_agreement=True, api=FakeDatasetHub(private=True))
+    assert len(pushed) == 2

@@ -152,3 +152,71 @@ def test_shard_features_cached_per_shard_and_refreshed_when_a_shard_changes(tmp_
     assert not np.allclose(refreshed, features[:1])
     with pytest.raises(ValueError, match="lacks 1 of the requested seeds"):
         shard_features(samples, [6], FailingDetector(), progress=False)
+
+
+class ProjectionDetector(torch.nn.Module):
+    """A cheap stand-in for Inception (a fixed random projection and ReLU to 2048 features, positive like
+    Inception's pool features): the statistics code is what is under test, not the network."""
+
+    num_features = 2048
+
+    def __init__(self, pixels):
+        super().__init__()
+        self.weight = torch.randn(pixels, 2048, generator=torch.Generator().manual_seed(0)) / pixels**0.5
+
+    def forward(self, images):
+        return torch.relu(images.flatten(1).float() / 64 @ self.weight) + 3.0
+
+
+def test_streamed_statistics_equal_the_all_in_memory_ones(tmp_path):
+    from pipelines.evaluation.feature_cache import CHUNK_SIZE, dataset_statistics, shard_statistics
+    from pipelines.evaluation.fid import StreamingStatistics
+
+    rng = np.random.default_rng(0)
+    features = rng.gamma(0.7, 1.0, size=(700, 2048)) + 10.0  # offset: a naive E[xx^T] - mu mu^T would lose digits
+    stream = StreamingStatistics()
+    for start, stop in ((0, 1), (1, 300), (300, 301), (301, 700)):
+        stream.update(features[start:stop])
+    mu, sigma = feature_statistics(features)
+    streamed_mu, streamed_sigma = stream.statistics()
+    assert np.abs(streamed_mu - mu).max() < 1e-10 and np.abs(streamed_sigma - sigma).max() < 1e-10
+
+    images = rng.integers(0, 256, size=(2 * CHUNK_SIZE + 77, 1, 8, 8), dtype=np.uint8)  # 3 chunks, the last short
+    frames, detector = ArrayFrames(images, "streamed", split="train"), ProjectionDetector(64)
+    indices = rng.permutation(len(images))[:2 * CHUNK_SIZE + 50]
+    mu, sigma = feature_statistics(dataset_features(frames, indices, detector))
+    for cache_dir in (None, tmp_path / "cache"):
+        s_mu, s_sigma, n = dataset_statistics(frames, indices, detector, cache_dir=cache_dir)
+        assert n == len(indices) and np.abs(s_mu - mu).max() < 1e-10 and np.abs(s_sigma - sigma).max() < 1e-10
+
+    samples = tmp_path / "samples"
+    generate_images(ShardStandIn(), samples, "0-8", batch_size=3, shard_size=3, progress=False)
+    shard_detector = ProjectionDetector(32 * 32)
+    mu, sigma = feature_statistics(shard_features(samples, [7, 0, 3, 4, 8], shard_detector, progress=False))
+    s_mu, s_sigma, n = shard_statistics(samples, [7, 0, 3, 4, 8], shard_detector, progress=False)
+    assert n == 5 and np.abs(s_mu - mu).max() < 1e-10 and np.abs(s_sigma - sigma).max() < 1e-10
+    with pytest.raises(ValueError, match="lacks 1 of the requested seeds"):
+        shard_statistics(samples, [0, 9], shard_detector, progress=False)
+
+
+def test_kid_draws_from_a_bounded_seeded_pool(tmp_path, monkeypatch):
+    """KID's features are the only ones held: at most KID_MAX_FEATURES per side, a seeded subset; FID still
+    uses every image."""
+    from pipelines.evaluation import protocol
+    from pipelines.evaluation.fid import frechet_distance, kernel_inception_distance
+    from pipelines.utils import seeded_subset
+
+    monkeypatch.setattr(protocol, "KID_MAX_FEATURES", 6)
+    rng = np.random.default_rng(1)
+    real = ArrayFrames(rng.integers(0, 256, size=(20, 1, 8, 8), dtype=np.uint8), "real", split="train")
+    generated = rng.integers(0, 200, size=(15, 1, 8, 8), dtype=np.uint8)
+    detector = ProjectionDetector(64)
+    with pytest.warns(UserWarning, match="exceeds the dataset"):
+        result = protocol.fid_of_images(generated, real, num_real=25, cache_dir=tmp_path, detector=detector,
+                                        progress=False)
+    real_feats, gen_feats = compute_features(real.images, detector), compute_features(generated, detector)
+    assert (result["kid_pool_real"], result["kid_pool_generated"], result["num_generated"]) == (6, 6, 15)
+    expected = kernel_inception_distance(real_feats[seeded_subset(20, 6, 0)], gen_feats[seeded_subset(15, 6, 0)])
+    assert result["kid"] == pytest.approx(expected["kid"], rel=1e-9, abs=1e-12)
+    fid = frechet_distance(*feature_statistics(gen_feats), *feature_statistics(real_feats))
+    assert result["fid"] == pytest.approx(fid, rel=1e-6)

@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from huggingface_hub import ModelCard, RepoUrl
+from PIL import Image
 
 from pipelines.components.pipeline_echodiff import EchoDiffPipeline
 from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
@@ -96,6 +98,8 @@ def test_push_from_a_saved_folder_writes_its_card(pipe, tmp_path):
     card = ModelCard((tmp_path / "README.md").read_text())
     assert card.data.license == "other" and card.data.eval_results is None
     assert "No metrics reported" in card.text
+    # The usage example names the repo the Hub made (namespace added), not the bare name nothing loads.
+    assert 'from_pretrained("token-owner/echodiff-tiny"' in card.text and '"echodiff-tiny"' not in card.text
     assert api.created[0][1]["private"] is False
 
 
@@ -331,3 +335,64 @@ def test_sweep_config_yaml_builds_data_only(tmp_path):
     with pytest.raises(ConfigError, match="sweep.yaml: cannot parse"):
         load_sweep_config(config)
     assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def frame_datasets(tmp_path_factory):
+    """The same tiny frames built twice: from the synthetic generator's folder, and with its marker removed
+    (what a build of EchoNet-Dynamic records)."""
+    from pipelines.data.frame_builder import build_frame_dataset
+    from pipelines.data.synthetic_echonet import write_synthetic_echonet
+
+    root = tmp_path_factory.mktemp("frames")
+    source = write_synthetic_echonet(root / "synthetic", num_videos=2, seed=3, num_workers=1, num_frames=(5, 6))
+    build_frame_dataset(source, root / "synthetic_frames", resolution=8, num_workers=0, progress=False, verbose=False)
+    (source / "echodiff_synthetic.json").unlink()
+    build_frame_dataset(source, root / "echonet_frames", resolution=8, num_workers=0, progress=False, verbose=False)
+    return {"synthetic": root / "synthetic_frames", "echonet": root / "echonet_frames"}
+
+
+def _header(folder):
+    import yaml
+
+    text = (folder / "README.md").read_text()
+    return yaml.safe_load(text.split("---")[1]), ModelCard(text)
+
+
+def test_card_header_states_the_runs_training_data_and_fid_size(pipe, frame_datasets, tmp_path):
+    for kind, dataset in frame_datasets.items():
+        folder = tmp_path / kind
+        pipe.save_pretrained(folder)
+        grid = np.full((4, 1, 8, 8), 200, np.uint8)
+        write_model_card(folder, None, metrics={"FID": 91.7}, training_dataset=str(dataset), sample_grid=grid,
+                         evaluation={"num_generated": 256, "reference": "584 real frames (train split)"})
+        header, card = _header(folder)
+        result = header["model-index"][0]["results"][0]
+        if kind == "synthetic":
+            assert header["license"] == "unknown" and "license_name" not in header
+            assert result["dataset"]["type"] == "echodiff-synthetic-echonet"
+            training = card.text.split("## Training data")[1].split("##")[0]
+            assert training.startswith("\n\nEchoDiff synthetic") and "no patient data" in training
+        else:
+            assert (header["license"], header["license_name"]) == ("other", "echonet-dynamic-research-use-agreement")
+            assert header["license_link"].startswith("https://echonet.github.io/dynamic")
+            assert result["dataset"]["type"] == "echonet-dynamic"
+            assert "research use agreement" in card.text
+        assert result["dataset"]["name"] == "584 real frames (train split)"
+        assert "over 256 generated" in card.text and "50,000 generated" not in card.text
+        assert "datasets" not in header  # a local folder has no Hub id to link
+        # Not pushed: the usage example loads the folder itself.
+        assert f'from_pretrained("{folder}", trust_remote_code=True)' in card.text
+        assert "![Samples" in card.text and "(samples.png)" in card.text
+        assert np.asarray(Image.open(folder / "samples.png")).min() == 200
+        assert "## Intended use" in card.text and "Not for clinical use" in card.text
+
+
+def test_card_from_a_hub_dataset_lists_it_and_unrecorded_data_gets_echonet_terms(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    write_model_card(tmp_path, "someone/model", metrics={"FID": 3.0}, training_dataset="someone/echonet-frames")
+    header, card = _header(tmp_path)
+    assert header["datasets"] == ["someone/echonet-frames"] and header["license"] == "other"
+    assert header["model-index"][0]["results"][0]["dataset"]["type"] == "echonet-layout-frames"
+    assert "is not recorded" in card.text.split("## Training data")[1]
+    assert "not recorded" in card.text  # no evaluation given: the card does not invent a sample size

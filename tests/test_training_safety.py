@@ -287,3 +287,5 @@ def test_a_failed_export_leaves_no_half_written_pipeline(datasets, tmp_path, mon
     result = run(make_cfg(datasets["frames16"], tmp_path, steps=2, resume_from_checkpoint="latest"))
     assert {"README.md", "model_index.json"} <= {p.name for p in result.pipeline_dirs[0].iterdir()}
     assert not list(tmp_path.glob(".tmp-*"))
+    card = (result.pipeline_dirs[0] / "README.md").read_text()  # written aside, it still names its final folder
+    assert str(result.pipeline_dirs[0]) in card and ".tmp-" not in card

@@ -14,14 +14,25 @@ TRACING_COLUMNS = ("FileName", "X1", "Y1", "X2", "Y2", "Frame")
 # FileList's Split values -> the frame dataset's split names.
 SPLIT_NAMES = {"TRAIN": "train", "VAL": "validation", "TEST": "test"}
 SPLITS = tuple(SPLIT_NAMES.values())  # the frame dataset's splits, in this order
+# The synthetic generator leaves this file in its EchoNet-layout folder; the builder records from it what the
+# frames are (synthetic or EchoNet-Dynamic), and model cards read that record, never guess.
+SYNTHETIC_MARKER = "echodiff_synthetic.json"
+# EchoNet-Dynamic's terms (Stanford, access through Stanford AIMI): research use only, no redistribution.
+ECHONET_LICENSE = {"license": "other", "license_name": "echonet-dynamic-research-use-agreement",
+                   "license_link": "https://echonet.github.io/dynamic/"}
+# Synthetic data carries EchoDiff's own terms; the repository declares no licence yet (no LICENSE file), so the
+# Hub's "unknown" until it does: claiming one here would be untrue.
+SYNTHETIC_DATA_LICENSE = {"license": "unknown"}
 
 
 def frame_features():
-    """The frame dataset's columns (``datasets.Features``): ``image`` is raw uint8 (H, W) bytes."""
+    """The frame dataset's columns (``datasets.Features``): ``image`` is a lossless grayscale PNG (``Image()``:
+    the Hub viewer, ``load_dataset`` and diffusers' scripts read it as a PIL image). Datasets built before
+    used raw (H, W) bytes (``Value("binary")``); the reader takes both."""
     import datasets
 
     return datasets.Features({
-        "image": datasets.Value("binary"),
+        "image": datasets.Image(),
         "video_id": datasets.Value("string"),
         "frame_index": datasets.Value("int32"),
         "split": datasets.Value("string"),

@@ -30,9 +30,9 @@ import cv2
 import numpy as np
 
 from pipelines.errors import OutputExistsError, UserInputError
-from pipelines.utils import atomic_write
+from pipelines.utils import atomic_write, atomic_write_json
 
-from .layout import FILELIST_COLUMNS, TRACING_COLUMNS, worker_context
+from .layout import FILELIST_COLUMNS, SYNTHETIC_MARKER, TRACING_COLUMNS, worker_context
 
 FRAME_SIZE = 112
 NUM_CHORDS = 20
@@ -362,6 +362,10 @@ def write_synthetic_echonet(out_dir: str | os.PathLike, num_videos: int = 200, s
         raise RuntimeError("synthetic video names collided; use another seed")
     by_name = {row[0]: traced for row, traced in results}
     tracings = [t for name in names for t in by_name[name]]
+    # What the folder is, for the builder's record and the model cards (not EchoNet-Dynamic data).
+    atomic_write_json(out / SYNTHETIC_MARKER, {"source": "synthetic", "generator": "pipelines.data.synthetic_echonet",
+                                               "num_videos": num_videos, "seed": seed,
+                                               "parametrisation": parametrisation if isinstance(parametrisation, str) else "custom EchoStyle"})
     # FileList.csv last (and each CSV atomically): its presence marks a complete folder.
     for name, header, body in (("VolumeTracings.csv", TRACING_COLUMNS, tracings), ("FileList.csv", FILELIST_COLUMNS, rows)):
         text = io.StringIO(newline="")

@@ -9,6 +9,8 @@ fingerprint differs is refused.
 
 - :func:`dataset_features`: features of frames ``indices`` of a dataset (``len`` + ``images_uint8``).
 - :func:`shard_features`: features of given seeds of a generation shard folder, cached beside the shards.
+- :func:`dataset_statistics`, :func:`shard_statistics`: their mean and covariance, streamed chunk by chunk
+  (one chunk of features in memory, not all 50,000: 0.8 GB in float64, plus np.cov's centred copy).
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import UserInputError
-from pipelines.evaluation.fid import DETECTOR_ID, NUM_FEATURES, InceptionDetector, compute_features
+from pipelines.evaluation.fid import (
+    DETECTOR_ID,
+    NUM_FEATURES,
+    InceptionDetector,
+    StreamingStatistics,
+    compute_features,
+)
 from pipelines.evaluation.generation import SHARD_GLOB, parse_seeds, read_shard
 from pipelines.utils import (
     atomic_save_npy,
@@ -121,6 +129,20 @@ class FeatureCache:
 
     def features(self, indices: Sequence[int], compute: Callable[[np.ndarray], np.ndarray],
                  chunk_size: int = CHUNK_SIZE, progress: bool = False) -> np.ndarray:
+        indices = self.fill(indices, compute, chunk_size, progress)
+        return np.asarray(np.load(self.features_path, mmap_mode="r")[indices])
+
+    def iter_features(self, indices: Sequence[int], compute: Callable[[np.ndarray], np.ndarray],
+                      chunk_size: int = CHUNK_SIZE, progress: bool = False):
+        """The features of ``indices`` as float64 chunks of at most ``chunk_size`` rows, read from the memmap."""
+        indices = self.fill(indices, compute, chunk_size, progress)
+        store = np.load(self.features_path, mmap_mode="r")
+        for start in range(0, len(indices), chunk_size):
+            yield np.asarray(store[indices[start:start + chunk_size]], dtype=np.float64)
+
+    def fill(self, indices: Sequence[int], compute: Callable[[np.ndarray], np.ndarray], chunk_size: int = CHUNK_SIZE,
+             progress: bool = False) -> np.ndarray:
+        """Compute (and store) what is missing of ``indices``; returns them as an int64 array."""
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= self.num):
             raise IndexError(f"frame indices must be in [0, {self.num}), got [{indices.min()}, {indices.max()}]")
@@ -136,7 +158,8 @@ class FeatureCache:
                 self.done[chunk] = True
                 atomic_save_npy(self.done_path, self.done)
                 bar.update(len(chunk))
-        return np.asarray(store[indices])
+        del store
+        return indices
 
 
 def _features_of(dataset: Any, detector: InceptionDetector, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -158,6 +181,68 @@ def dataset_features(dataset: Any, indices: Sequence[int], detector: InceptionDe
         return np.concatenate([compute(indices[s:s + CHUNK_SIZE]) for s in range(0, len(indices), CHUNK_SIZE)])
     cache = FeatureCache(cache_dir, dataset_identity(dataset, split))
     return cache.features(indices, compute, progress=progress).astype(np.float64)
+
+
+def dataset_feature_chunks(dataset: Any, indices: Sequence[int], detector: InceptionDetector | None = None,
+                           cache_dir: str | os.PathLike | None = None, batch_size: int = 32, split: str | None = None,
+                           progress: bool = False):
+    """:func:`dataset_features` as float64 chunks of at most CHUNK_SIZE rows, in ``indices`` order."""
+    detector = detector if detector is not None else InceptionDetector()
+    compute = _features_of(dataset, detector, batch_size)
+    indices = np.asarray(indices, dtype=np.int64)
+    if cache_dir is None:
+        for start in range(0, len(indices), CHUNK_SIZE):
+            yield compute(indices[start:start + CHUNK_SIZE]).astype(np.float64)
+        return
+    cache = FeatureCache(cache_dir, dataset_identity(dataset, split))
+    yield from cache.iter_features(indices, compute, progress=progress)
+
+
+def dataset_statistics(dataset: Any, indices: Sequence[int], detector: InceptionDetector | None = None,
+                       cache_dir: str | os.PathLike | None = None, batch_size: int = 32, split: str | None = None,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, n) of the features of frames ``indices``, streamed (see StreamingStatistics)."""
+    stats = StreamingStatistics()
+    for chunk in dataset_feature_chunks(dataset, indices, detector, cache_dir, batch_size, split, progress):
+        stats.update(chunk)
+    return (*stats.statistics(), stats.n)
+
+
+def shard_feature_chunks(samples_dir: str | os.PathLike, seeds: Sequence[int] | str,
+                         detector: InceptionDetector | None = None, batch_size: int = 32, progress: bool = True):
+    """The features (float64) of ``seeds`` of a shard folder, one chunk per shard (shard order, each seed
+    once); raises after the last shard if any seed is missing."""
+    samples_dir = Path(samples_dir)
+    wanted = set(parse_seeds(seeds))
+    detector = detector if detector is not None else InceptionDetector()
+    seen: set[int] = set()
+    from tqdm.auto import tqdm
+
+    for shard in tqdm(sorted(samples_dir.glob(SHARD_GLOB)), desc="generated features (per shard)",
+                      disable=not progress):
+        seeds_in = read_shard(shard, "seeds").tolist()
+        rows = [k for k, seed in enumerate(seeds_in) if seed in wanted and seed not in seen]
+        if not rows:
+            continue
+        frames = ArrayFrames(read_shard(shard, "images"), shard.name, split="generated")
+        # One chunk per shard: its images go through Inception in the batches they always did.
+        cache = FeatureCache(samples_dir / "features", dataset_identity(frames))
+        cache.fill(np.arange(len(frames)), _features_of(frames, detector, batch_size), chunk_size=len(frames))
+        seen.update(seeds_in[k] for k in rows)
+        yield np.asarray(np.load(cache.features_path, mmap_mode="r")[rows], dtype=np.float64)
+    absent = sorted(wanted - seen)
+    if absent:
+        raise ValueError(f"'{samples_dir}' lacks {len(absent)} of the requested seeds (first: {absent[:5]})")
+
+
+def shard_statistics(samples_dir: str | os.PathLike, seeds: Sequence[int] | str,
+                     detector: InceptionDetector | None = None, batch_size: int = 32,
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, n) of the features of ``seeds`` of a shard folder, streamed shard by shard."""
+    stats = StreamingStatistics()
+    for chunk in shard_feature_chunks(samples_dir, seeds, detector, batch_size, progress):
+        stats.update(chunk)
+    return (*stats.statistics(), stats.n)
 
 
 def shard_features(samples_dir: str | os.PathLike, seeds: Sequence[int] | str,

@@ -282,6 +282,47 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+class StreamingStatistics:
+    """Mean and covariance of features that arrive chunk by chunk, in float64, never holding them all.
+
+    Each chunk's mean and centred scatter are merged with Chan et al.'s pairwise update (no E[x x^T] - mu mu^T
+    cancellation), so the result equals :func:`feature_statistics` of the concatenation to round-off; memory
+    is one D x D scatter (32 MB at D = 2048) whatever the number of images.
+    """
+
+    def __init__(self, dim: int = NUM_FEATURES):
+        self.n, self.mean, self.scatter = 0, np.zeros(dim, np.float64), np.zeros((dim, dim), np.float64)
+
+    def update(self, chunk: np.ndarray) -> StreamingStatistics:
+        chunk = np.asarray(chunk, dtype=np.float64)
+        if chunk.ndim != 2 or chunk.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"feature chunks must have shape (N, {self.mean.shape[0]}), got {chunk.shape}")
+        if len(chunk) == 0:
+            return self
+        chunk_mean = chunk.mean(axis=0)
+        centred = chunk - chunk_mean
+        total = self.n + len(chunk)
+        delta = chunk_mean - self.mean
+        self.scatter += centred.T @ centred + np.outer(delta, delta) * (self.n * len(chunk) / total)
+        self.mean += delta * (len(chunk) / total)
+        self.n = total
+        return self
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) with the unbiased covariance, as :func:`feature_statistics`."""
+        if self.n < 2:
+            raise ValueError(f"statistics need at least 2 features, got {self.n}")
+        return self.mean.copy(), self.scatter / (self.n - 1)
+
+
+def streamed_statistics(chunks: Iterable[np.ndarray], dim: int = NUM_FEATURES) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, n) of the features in ``chunks`` (an iterable of (N_i, D) arrays), see StreamingStatistics."""
+    stats = StreamingStatistics(dim)
+    for chunk in chunks:
+        stats.update(chunk)
+    return (*stats.statistics(), stats.n)
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 

@@ -118,8 +118,10 @@ def export_best(pipeline, snapshots, best: dict, rows: list[dict], run_dir: Path
     pipeline.save_pretrained(str(target))
     sections = [phema_card_section(best, rows)]
     run_info_path = run_dir / RUN_INFO_FILE
-    if run_info_path.is_file():
-        sections.append(training_card_section(json.loads(run_info_path.read_text())))
+    run_info = json.loads(run_info_path.read_text()) if run_info_path.is_file() else {}
+    if run_info:
+        sections.append(training_card_section(run_info))
     metrics = {"FID": best["fid"]} if best.get("kid") is None else {"FID": best["fid"], "KID": best["kid"]}
-    hub.write_model_card(target, f"echodiff-phema-std{best['ema_std']:g}", metrics=metrics, sections=sections)
+    hub.write_model_card(target, None, metrics=metrics, sections=sections, training_dataset=run_info.get("dataset"),
+                         evaluation={"num_generated": best["num_generated"]})
     return target

@@ -24,11 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.evaluation.feature_cache import dataset_features, shard_features
+from pipelines.evaluation.feature_cache import (
+    CHUNK_SIZE,
+    dataset_features,
+    dataset_statistics,
+    shard_features,
+    shard_statistics,
+)
 from pipelines.evaluation.fid import (
     InceptionDetector,
+    StreamingStatistics,
     compute_features,
-    feature_statistics,
     frechet_distance,
     kernel_inception_distance,
 )
@@ -46,6 +52,9 @@ DEFAULT_NUM_REAL = 50_000
 DEFAULT_NUM_GEN = 50_000
 HEUN_REFERENCE_NFE = 59  # the paper's headline setting (30 Heun steps)
 MATCH_TOLERANCE = 0.05  # "within 5% of Heun's FID at 59 NFE"
+# KID draws its subsets (1,000 each) from at most this many features per side, a seeded subsample: FID's
+# statistics stream, so this pool is what bounds the features held in memory (2 x 164 MB in float64).
+KID_MAX_FEATURES = 10_000
 
 
 def default_device() -> str:
@@ -83,18 +92,40 @@ def real_features(frames: Any, indices: Sequence[int], detector: InceptionDetect
                             split=getattr(frames, "split", None), progress=progress)
 
 
-def scores(gen_features: np.ndarray, reference: FeatureStatistics, real_feats: np.ndarray | None = None,
-           kid_subset_size: int = 1000, kid_subsets: int = 100, seed: int = 0) -> dict:
-    """FID against ``reference`` (+ KID when real features are given)."""
-    mu, sigma = feature_statistics(gen_features)
-    result = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma),
-              "num_generated": int(len(gen_features)), "num_real": int(reference.n)}
-    if real_feats is not None:
-        result.update(kernel_inception_distance(real_feats, gen_features, kid_subset_size, kid_subsets, seed))
-    if len(gen_features) < 50_000:
-        result["note"] = (f"FID on {len(gen_features)} generated images is biased upwards against FID-50k; "
+def kid_pool(count: int, seed: int = 0) -> np.ndarray:
+    """Positions (sorted) of the features KID uses out of ``count``: all up to KID_MAX_FEATURES, else a seeded subset."""
+    return seeded_subset(count, KID_MAX_FEATURES, seed)
+
+
+def scores(gen: FeatureStatistics, reference: FeatureStatistics, kid_real: np.ndarray | None = None,
+           kid_gen: np.ndarray | None = None, kid_subset_size: int = 1000, kid_subsets: int = 100,
+           seed: int = 0) -> dict:
+    """FID of the generated statistics against ``reference`` (+ KID when both feature pools are given)."""
+    result = {"fid": frechet_distance(gen.mu, gen.sigma, reference.mu, reference.sigma),
+              "num_generated": int(gen.n), "num_real": int(reference.n)}
+    if kid_real is not None and kid_gen is not None:
+        result.update(kernel_inception_distance(kid_real, kid_gen, kid_subset_size, kid_subsets, seed))
+        result.update(kid_pool_real=int(len(kid_real)), kid_pool_generated=int(len(kid_gen)))
+    if gen.n < 50_000:
+        result["note"] = (f"FID on {gen.n} generated images is biased upwards against FID-50k; "
                           "compare only scores computed on equal sample sizes (KID is unbiased)")
     return result
+
+
+def _image_statistics(images: np.ndarray, detector: InceptionDetector, batch_size: int, keep: np.ndarray | None,
+                      progress: bool) -> tuple[FeatureStatistics, np.ndarray | None]:
+    """Statistics of in-memory images' features, chunk by chunk, and the features of rows ``keep`` (KID)."""
+    stats, kept = StreamingStatistics(), []
+    keep_set = None if keep is None else set(keep.tolist())
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(images), CHUNK_SIZE), desc="generated features", disable=not progress):
+        feats = compute_features(images[start:start + CHUNK_SIZE], detector, batch_size=batch_size)
+        stats.update(feats)
+        if keep_set is not None:
+            kept.extend(feats[k - start] for k in range(start, start + len(feats)) if k in keep_set)
+    mu, sigma = stats.statistics()
+    return FeatureStatistics(mu, sigma, stats.n), (np.stack(kept) if kept else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,9 +139,9 @@ def fid_of_images(images: np.ndarray, frames: Any, num_real: int | None = DEFAUL
     detector = detector if detector is not None else InceptionDetector()
     _check_compatible(images.shape[1:], frames)
     reference = reference_for(frames, num_real, subsample_seed, stats_path, cache_dir, detector, batch_size, progress)
-    gen = compute_features(images, detector, batch_size=batch_size, progress=progress, desc="generated features")
+    gen, kid_gen = _image_statistics(images, detector, batch_size, kid_pool(len(images)) if kid else None, progress)
     real = _kid_real_features(frames, num_real, subsample_seed, detector, cache_dir, batch_size, progress) if kid else None
-    return {**scores(gen, reference, real), "reference": reference.fingerprint}
+    return {**scores(gen, reference, real, kid_gen), "reference": reference.fingerprint}
 
 
 def fid_of_samples(pipeline: Any, samples_dir: str | os.PathLike, seeds: str | Sequence[int], frames: Any,
@@ -132,9 +163,13 @@ def fid_of_samples(pipeline: Any, samples_dir: str | os.PathLike, seeds: str | S
     first_shard = next(iter(sorted(Path(samples_dir).glob(SHARD_GLOB))))
     _check_compatible(read_shard(first_shard, "images").shape[1:], frames)
     reference = reference_for(frames, num_real, subsample_seed, stats_path, cache_dir, detector, batch_size, progress)
-    gen = shard_features(samples_dir, seeds, detector, batch_size, progress)
-    real = _kid_real_features(frames, num_real, subsample_seed, detector, cache_dir, batch_size, progress) if kid else None
-    return {**scores(gen, reference, real), **sampling_record(pipeline, num_inference_steps, sampler_kwargs),
+    mu, sigma, n = shard_statistics(samples_dir, seeds, detector, batch_size, progress)
+    gen = FeatureStatistics(mu, sigma, n)
+    real = kid_gen = None
+    if kid:
+        real = _kid_real_features(frames, num_real, subsample_seed, detector, cache_dir, batch_size, progress)
+        kid_gen = shard_features(samples_dir, [seeds[k] for k in kid_pool(len(seeds))], detector, batch_size, progress)
+    return {**scores(gen, reference, real, kid_gen), **sampling_record(pipeline, num_inference_steps, sampler_kwargs),
             "seeds": _seed_summary(seeds), "samples_dir": str(samples_dir), "reference": reference.fingerprint}
 
 
@@ -150,7 +185,16 @@ def sampling_record(pipeline: Any, num_inference_steps: int, sampler_kwargs: dic
 def _kid_real_features(frames: Any, num_real: int | None, seed: int, detector: InceptionDetector,
                        cache_dir: str | os.PathLike | None, batch_size: int, progress: bool) -> np.ndarray:
     indices = real_subsample_indices(len(frames), num_real, seed)
-    return real_features(frames, indices, detector, cache_dir, batch_size, progress)
+    return real_features(frames, indices[kid_pool(len(indices))], detector, cache_dir, batch_size, progress)
+
+
+def real_statistics(frames: Any, indices: Sequence[int], detector: InceptionDetector | None,
+                    cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR, batch_size: int = 32,
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of real frames ``indices``' features, streamed through the per-frame cache."""
+    mu, sigma, _ = dataset_statistics(frames, indices, detector, cache_dir=cache_dir, batch_size=batch_size,
+                                      split=getattr(frames, "split", None), progress=progress)
+    return mu, sigma
 
 
 def _check_compatible(image_shape: Sequence[int], frames: Any) -> None:
@@ -215,10 +259,8 @@ def optimal_fid(frames: Any, seed: int = 0, max_per_half: int | None = None,
                               "resolution": int(frames.resolution)}
     for name, (half_a, half_b) in splits.items():
         half_a, half_b = _cap(half_a, max_per_half, seed + 1), _cap(half_b, max_per_half, seed + 2)
-        feats_a = real_features(frames, half_a, detector, cache_dir, batch_size, progress)
-        feats_b = real_features(frames, half_b, detector, cache_dir, batch_size, progress)
-        mu_a, sigma_a = feature_statistics(feats_a)
-        mu_b, sigma_b = feature_statistics(feats_b)
+        mu_a, sigma_a = real_statistics(frames, half_a, detector, cache_dir, batch_size, progress)
+        mu_b, sigma_b = real_statistics(frames, half_b, detector, cache_dir, batch_size, progress)
         result[name] = {"fid": frechet_distance(mu_a, sigma_a, mu_b, sigma_b), "num_a": int(len(half_a)),
                         "num_b": int(len(half_b)),
                         "videos_a": int(len(np.unique(video_ids[half_a]))),
@@ -355,19 +397,18 @@ def variance_study(pipeline: Any, frames: Any, out_dir: str | os.PathLike, repea
     if num_real is None or num_real >= len(frames):
         warnings.warn(f"the real subsample ({num_real}) covers all {len(frames)} frames: experiment A's redraws are "
                       "identical, so its spread is 0", stacklevel=2)
-    fixed_gen = shard_features(samples_dir, all_seeds[:num_gen], detector, batch_size, progress)
-    mu_g, sigma_g = feature_statistics(fixed_gen)
+    mu_g, sigma_g, _ = shard_statistics(samples_dir, all_seeds[:num_gen], detector, batch_size, progress)
     fids_a = []
     for r in range(repeats):
         idx = real_subsample_indices(len(frames), num_real, subsample_seed + r)
-        mu_r, sigma_r = feature_statistics(real_features(frames, idx, detector, cache_dir, batch_size, progress))
+        mu_r, sigma_r = real_statistics(frames, idx, detector, cache_dir, batch_size, progress)
         fids_a.append(frechet_distance(mu_g, sigma_g, mu_r, sigma_r))
     idx = real_subsample_indices(len(frames), num_real, subsample_seed)
-    mu_r, sigma_r = feature_statistics(real_features(frames, idx, detector, cache_dir, batch_size, progress))
+    mu_r, sigma_r = real_statistics(frames, idx, detector, cache_dir, batch_size, progress)
     fids_b = []
     for r in range(repeats):
-        feats = shard_features(samples_dir, all_seeds[r * num_gen:(r + 1) * num_gen], detector, batch_size, progress)
-        mu_g, sigma_g = feature_statistics(feats)
+        mu_g, sigma_g, _ = shard_statistics(samples_dir, all_seeds[r * num_gen:(r + 1) * num_gen], detector,
+                                            batch_size, progress)
         fids_b.append(frechet_distance(mu_g, sigma_g, mu_r, sigma_r))
     return {**sampling_record(pipeline, num_inference_steps, sampler_kwargs), "repeats": repeats,
             "num_generated": num_gen, "num_real": int(len(idx)), "subsample_seed": subsample_seed,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.evaluation.feature_cache import check_fingerprint, dataset_features, dataset_identity
+from pipelines.evaluation.feature_cache import check_fingerprint, dataset_identity, dataset_statistics
 from pipelines.evaluation.fid import DETECTOR_ID, InceptionDetector, feature_statistics
 from pipelines.utils import atomic_save_npz, jsonable, seeded_subset
 
@@ -95,9 +95,9 @@ def reference_statistics(dataset: Any, stats_path: str | os.PathLike | None = No
     if stats_path is not None and Path(stats_path).exists():
         return FeatureStatistics.load(stats_path, expected_fingerprint=fingerprint)
     indices = real_subsample_indices(len(dataset), num_real, seed)
-    features = dataset_features(dataset, indices, detector, cache_dir=cache_dir, batch_size=batch_size,
-                                split=split, progress=progress)
-    stats = FeatureStatistics.from_features(features, jsonable(fingerprint))
+    mu, sigma, n = dataset_statistics(dataset, indices, detector, cache_dir=cache_dir, batch_size=batch_size,
+                                      split=split, progress=progress)
+    stats = FeatureStatistics(mu=mu, sigma=sigma, n=n, fingerprint=jsonable(fingerprint))
     if stats_path is not None:
         stats.save(stats_path)
     return stats

@@ -446,15 +446,66 @@ def attach_discriminator(pipeline, discriminator) -> None:
 
 
 def export_guided_pipeline(pipeline, discriminator, out_dir: str | os.PathLike, dg_settings: dict | None = None,
-                           selection: dict | None = None) -> Path:
-    """Save the unguided pipeline plus the chosen discriminator as one pipeline folder.
+                           selection: dict | None = None, card: dict | None = None) -> Path:
+    """Save the unguided pipeline plus the chosen discriminator as one pipeline folder, with its model card.
 
     ``dg_settings`` (the sampler arguments DG was scored with) and ``selection`` (the epoch -> FID
     table) go to ``dg_settings.json`` in the folder; sampling stays unguided unless the caller passes
     the DG arguments, e.g. ``pipe(seeds=..., **json.load(open(folder / "dg_settings.json"))["sampler"])``.
+    ``card``: :func:`write_guided_pipeline_card`'s keyword arguments (its training data, repo id, ...).
     """
     out_dir = Path(out_dir)
     attach_discriminator(pipeline, discriminator)
     pipeline.save_pretrained(str(out_dir))
     atomic_write_json(out_dir / "dg_settings.json", {"sampler": dg_settings or {}, "selection": selection or {}})
+    write_guided_pipeline_card(out_dir, pipeline, dg_settings or {}, selection or {}, **(card or {}))
     return out_dir
+
+
+def guided_card_section(dg_settings: dict, selection: dict, model: str | None) -> str:
+    """Model-card Markdown for a DG pipeline: the discriminator's epoch, how it was chosen, how to sample."""
+    exported, metric = selection.get("exported_epoch"), selection.get("metric", "FID")
+    rows = "\n".join(f"| {row['epoch']}{' (exported)' if row['epoch'] == exported else ''} | {row[metric]:.4f} |"
+                      for row in selection.get("table", []))
+    chosen = (f"The discriminator is epoch {exported}, the lowest {metric} of DG samples among the epochs "
+              f"scored:\n\n| epoch | {metric} |\n|---:|---:|\n{rows}\n" if rows
+              else f"The discriminator is epoch {exported} (no epoch selection was recorded).\n")
+    settings = json.dumps(dg_settings, indent=2, sort_keys=True, default=str)
+    return (
+        "\n## Discriminator Guidance\n\n"
+        f"The unguided diffusion model{f' `{model}`' if model else ''} plus a discriminator trained with "
+        "EchoDiff's `train_discriminator.py` (Kim et al. 2023) to tell its samples from real frames. "
+        f"{chosen}\nSampling is unguided unless the DG arguments are passed; those the selection used are in "
+        "`dg_settings.json`:\n\n```python\nimport json\n\nsettings = json.load(open(\"dg_settings.json\"))[\"sampler\"]\n"
+        "images = pipe(seeds=[0, 1, 2, 3], num_inference_steps=30, **settings).images\n```\n\n"
+        f"```json\n{settings}\n```\n"
+    )
+
+
+def write_guided_pipeline_card(folder: Path, pipeline, dg_settings: dict, selection: dict,
+                               training_dataset: str | None = None, repo_id: str | None = None,
+                               model: str | None = None, reference: str | None = None,
+                               num_grid_images: int = 16, grid_steps: int = 18) -> Path:
+    """The DG pipeline's card: the exported epoch's FID (over the selection's seeds, against ``reference``),
+    a grid of DG samples, the DG section; the training data's terms come from ``training_dataset``."""
+    from pipelines import hub
+    from pipelines.evaluation.generation import parse_seeds
+    from pipelines.utils import to_uint8
+
+    exported, metric = selection.get("exported_epoch"), selection.get("metric", "FID")
+    score = next((row[metric] for row in selection.get("table", []) if row["epoch"] == exported), None)
+    metrics, evaluation = {}, {}
+    if score is not None and math.isfinite(score):
+        metrics[f"{metric} (DG, epoch {exported})"] = float(score)
+        seeds = selection.get("settings", {}).get("seeds")
+        evaluation = {"num_generated": len(parse_seeds(seeds)) if seeds else None, "reference": reference}
+    grid = None
+    if num_grid_images > 0:
+        sampler = {k: v for k, v in dg_settings.items() if not (isinstance(v, str) and v.endswith("inf"))}
+        with torch.no_grad():
+            latents = pipeline(seeds=list(range(num_grid_images)), num_inference_steps=grid_steps,
+                               output_type="latent", **sampler).images
+        grid = to_uint8(torch.as_tensor(latents))
+    return hub.write_model_card(folder, repo_id, metrics=metrics, training_dataset=training_dataset,
+                                evaluation=evaluation, sample_grid=grid,
+                                sections=[guided_card_section(dg_settings, selection, model)])

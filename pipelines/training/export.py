@@ -94,10 +94,8 @@ def training_card_section(run_info: dict[str, Any], ema_halflife_kimg: float | N
 def export_pipelines(cfg, ema, sampling_net, scheduler, output_dir: Path, run_info: dict[str, Any]) -> list[Path]:
     """save_pretrained of one pipeline per EMA half-life (EMA weights), each with its model card; the run
     info goes to ``<output_dir>/run_info.json``. Returns the folders, ``<output_dir>/pipeline`` first."""
-    from pipelines import hub
 
     atomic_write_json(output_dir / RUN_INFO_FILE, run_info, sort_keys=True)
-    repo_id = cfg.hub_model_id or f"echodiff-{cfg.arch}-{cfg.precond}"
     dirs = []
     for index, half_life in enumerate(cfg.ema_halflife_kimg):
         target = output_dir / ("pipeline" if index == 0 else f"pipeline_ema{half_life:g}kimg")
@@ -105,9 +103,23 @@ def export_pipelines(cfg, ema, sampling_net, scheduler, output_dir: Path, run_in
         # Written aside and renamed into place, as checkpoints are: a kill never leaves a half-written pipeline.
         tmp = output_dir / f"{TMP_PREFIX}{target.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        sampling_pipeline(sampling_net, scheduler).save_pretrained(str(tmp))
-        hub.write_model_card(tmp, repo_id, sections=[training_card_section(run_info, half_life)])
+        pipe = sampling_pipeline(sampling_net, scheduler)
+        pipe.save_pretrained(str(tmp))
+        write_pipeline_card(cfg, pipe, tmp, run_info, half_life, location=target)
         replace_folder(tmp, target)
         dirs.append(target)
     return dirs
+
+
+def write_pipeline_card(cfg, pipe, target: Path, run_info: dict[str, Any], half_life: float,
+                        location: Path | None = None) -> Path:
+    """The exported pipeline's card: its training data as the dataset's build records it, a grid of this
+    pipeline's own samples, the training section; the usage id is the Hub repo only when one is named."""
+    from pipelines import hub
+
+    grid = None
+    if cfg.num_sample_images > 0:
+        grid = sample_images(pipe, cfg.num_sample_images, cfg.sample_steps, next(pipe.unet.parameters()).device)
+    return hub.write_model_card(target, cfg.hub_model_id, training_dataset=cfg.dataset, sample_grid=grid,
+                                sections=[training_card_section(run_info, half_life)], location=location)
 
