@@ -219,9 +219,14 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     if args.command == "conditioning":
         from pipelines.evaluation.conditioning import main_args
-        from pipelines.hub import load_pipeline
+        from pipelines.hub import attach_guide, load_pipeline
+        from pipelines.training.precision import resolve_sampling_precision
 
-        result = main_args(args, load_pipeline(args.model, device=device), load_frames, progress=progress)
+        pipeline = load_pipeline(args.model, device=device)
+        if args.guide is not None:
+            attach_guide(pipeline, args.guide, device=device)
+        args.sampler_kwargs = {**args.sampler_kwargs, "precision": resolve_sampling_precision(args.precision, device)}
+        result = main_args(args, pipeline, load_frames, progress=progress)
         return _finish(result, out / "conditioning.json")
 
     frames = load_frames(args.dataset, args.split)

@@ -413,6 +413,12 @@ def test_conditioning_study_scores_resumes_and_fid_draws_real_conditions(conditi
     draw = RealConditions(check_spec(spec), train_frames, draw_seed=0)
     assert draw([5, 9]) == {k: draw([5])[k] + draw([9])[k] for k in ("ef", "phase")}
     assert set(draw(range(50))["ef"]) <= set(train_frames.column("EF").astype(np.float64).tolist())
+    narrow = check_spec({**spec, "conditions": [{**spec["conditions"][0], "range": [50.0, 60.0]},
+                                                spec["conditions"][1]]})
+    efs = train_frames.column("EF").astype(np.float64)
+    clipped = RealConditions(narrow, train_frames)
+    assert clipped.clipped == {"ef": int(((efs < 50) | (efs > 60)).sum())} and clipped.clipped["ef"] > 0
+    assert clipped.values["ef"] == np.clip(efs, 50.0, 60.0).tolist()  # other splits' EF: clipped to the range
     wrapped, description = with_real_conditions(pipe, train_frames)
     assert isinstance(wrapped, ConditionedPipeline) and "labels of real frames" in description
     generate_images(wrapped, tmp_path / "b1", [0, 1, 2], batch_size=1, num_inference_steps=2, progress=False)
@@ -442,3 +448,17 @@ def test_conditioning_study_scores_resumes_and_fid_draws_real_conditions(conditi
     assert next((tmp_path / "study" / "samples-cfg2").glob("shard-*.npz")).stat().st_mtime_ns == shard
     with pytest.raises(ValueError, match="no named conditions"):
         conditioning_study(exact(torch.zeros(DIM)), train_frames, heldout, tmp_path / "x", progress=False)
+
+
+def test_evaluate_conditioning_cli_writes_the_table(conditional_run, tmp_path, capsys):
+    import evaluate
+
+    cfg = conditional_run["cfg"]
+    result = evaluate.main(["conditioning", "--model", str(conditional_run["result"].pipeline_dirs[0]),
+                            "--dataset", cfg.dataset, "--heldout_split", "validation,test", "--guidance_scales", "3",
+                            "--seeds", "0-3", "--steps", "2", "--predictor_epochs", "1", "--predictor_width", "4",
+                            "--no_null_row", "--precision", "fp32", "--output_dir", str(tmp_path), "--no_progress_bar"])
+    assert [row["guidance_scale"] for row in result["rows"]] == [None, 3.0]
+    assert result["rows"][0]["n"] == 11  # validation + test frames of the tiny dataset
+    assert json.loads((tmp_path / "conditioning.json").read_text())["rows"][1]["n"] == 4
+    assert (tmp_path / "samples-cfg3").is_dir() and "| generated | 3 | 4 |" in (tmp_path / "conditioning.md").read_text()

@@ -55,11 +55,19 @@ def spec_of(pipeline) -> dict:
 class RealConditions:
     """Per-seed conditions from real frames: seed s takes the labels of frame ``default_rng([draw_seed, s])``
     of ``frames`` (uniform over frames, so the conditions follow the real label distribution, and a seed's
-    condition is the same in any batch or shard)."""
+    condition is the same in any batch or shard). Scalars outside the model's range (frames of another split
+    than it trained on) are clipped to it; ``clipped`` counts them per condition."""
 
     def __init__(self, spec: dict, frames, draw_seed: int = 0, description: str = ""):
         self.spec, self.draw_seed, self.num_frames = spec, int(draw_seed), len(frames)
-        self.values = {c["name"]: condition_column(frames, c) for c in spec["conditions"]}
+        self.values, self.clipped = {}, {}
+        for condition in spec["conditions"]:
+            column = condition_column(frames, condition)
+            if condition["kind"] == "scalar":
+                low, high = condition["range"]
+                self.clipped[condition["name"]] = sum(not low <= v <= high for v in column)
+                column = [min(max(v, low), high) for v in column]
+            self.values[condition["name"]] = column
         self.description = description or f"labels of real frames drawn per seed (draw seed {draw_seed})"
 
     def frame_indices(self, seeds: Sequence[int]) -> list[int]:
@@ -251,30 +259,29 @@ def conditioning_study(pipeline, train_frames, heldout_frames, out_dir: str | os
                        seeds: str | Sequence[int] = "0-999", num_inference_steps: int = 18, null_row: bool = True,
                        gen_batch_size: int = 32, draw_seed: int = 0, predictor_options: dict | None = None,
                        sampler_kwargs: dict | None = None, run_info: dict | None = None,
-                       progress: bool = True) -> dict:
+                       samples_root: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Conditioning accuracy of ``pipeline`` per guidance scale (see the module doc); writes ``conditioning.md``
-    and ``conditioning.json`` under ``out_dir`` and returns the results."""
+    and ``conditioning.json`` under ``out_dir`` (samples under ``samples_root``, default ``out_dir``) and returns
+    the results."""
     spec = spec_of(pipeline)
     out = Path(out_dir)
     seeds = parse_seeds(seeds)
     for scale in guidance_scales:
         if not math.isfinite(scale):
             raise ValueError(f"--guidance_scales: expected finite numbers, got {scale}")
-    train_labels = encode(spec, {c["name"]: condition_column(train_frames, c) for c in spec["conditions"]},
-                          len(train_frames))
-    heldout_labels = encode(spec, {c["name"]: condition_column(heldout_frames, c) for c in spec["conditions"]},
-                            len(heldout_frames))
+    draw = RealConditions(spec, heldout_frames, draw_seed,
+                          description=f"labels of held-out real frames drawn per seed (draw seed {draw_seed})")
+    train_labels = encode(spec, RealConditions(spec, train_frames).values, len(train_frames))
+    heldout_labels = encode(spec, draw.values, len(heldout_frames))  # EF clipped to the model's range, as drawn
     assert train_labels.shape[1] == label_dim(spec)
     model = train_predictor(spec, train_frames.images_uint8(), train_labels, out, progress=progress,
                             **(predictor_options or {}))
     rows = [dict(frames="real (held out)", guidance_scale=None, n=len(heldout_frames),
                  **condition_scores(spec, predict(model, heldout_frames.images_uint8()), heldout_labels))]
-    draw = RealConditions(spec, heldout_frames, draw_seed,
-                          description=f"labels of held-out real frames drawn per seed (draw seed {draw_seed})")
     wanted = encode(spec, draw(seeds), len(seeds))
     settings = [("generated", float(s)) for s in guidance_scales] + ([("generated, null label", None)] if null_row else [])
     for kind, scale in settings:
-        folder = out / ("samples-null-label" if scale is None else f"samples-cfg{scale:g}")
+        folder = Path(samples_root or out) / ("samples-null-label" if scale is None else f"samples-cfg{scale:g}")
         call = dict(sampler_kwargs or {})
         sampler = ConditionedPipeline(pipeline, draw) if scale is not None else pipeline
         if scale is not None:
@@ -291,7 +298,8 @@ def conditioning_study(pipeline, train_frames, heldout_frames, out_dir: str | os
               if seeds == list(range(seeds[0], seeds[-1] + 1)) else seeds, "num_inference_steps": num_inference_steps,
               "predictor": {"network": "transformers ResNet, basic blocks 2-2-2-2", **(predictor_options or {}),
                             "train_frames": len(train_frames), "heldout_frames": len(heldout_frames)},
-              "generated_conditions": draw.description, "decoded_example": decode(spec, wanted[:4])}
+              "generated_conditions": draw.description, "heldout_clipped_to_range": draw.clipped,
+              "decoded_example": decode(spec, wanted[:4])}
     atomic_write_json(out / RESULTS_FILE, jsonable(result), indent=1)
     return result
 
@@ -304,5 +312,6 @@ def main_args(args, pipeline, frames_loader, progress: bool = True) -> dict:
     return conditioning_study(pipeline, train_frames, heldout_frames, args.output_dir, args.guidance_scales,
                               seeds=args.seeds, num_inference_steps=args.steps, null_row=not args.no_null_row,
                               gen_batch_size=args.gen_batch_size, draw_seed=args.draw_seed, predictor_options=options,
-                              sampler_kwargs=args.sampler_kwargs, run_info={"model": str(args.model)},
+                              sampler_kwargs=args.sampler_kwargs, samples_root=args.samples_dir,
+                              run_info={"model": str(args.model), **({"guide": str(args.guide)} if args.guide else {})},
                               progress=progress)
