@@ -165,15 +165,15 @@ def predict(model: nn.Module, images_u8: np.ndarray, batch_size: int = 256) -> t
 
 
 def train_predictor(spec: dict, images_u8: np.ndarray, labels: torch.Tensor, out_dir: str | os.PathLike,
-                    epochs: int = 8, batch_size: int = 64, lr: float = 2e-3, width: int = 16, seed: int = 0,
-                    progress: bool = True) -> ConditionPredictor:
+                    epochs: int = 8, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05,
+                    width: int = 16, seed: int = 0, progress: bool = True) -> ConditionPredictor:
     """The predictor trained on ``images_u8`` (real frames) with their labels (encoded, flag first); reused
     from ``out_dir/predictor`` when its settings and data fingerprint match."""
     from safetensors.torch import load_file, save_file
 
     folder = Path(out_dir) / PREDICTOR_DIR
-    settings = jsonable({"spec": spec, "epochs": epochs, "batch_size": batch_size, "lr": lr, "width": width,
-                         "seed": seed, "data": fingerprint_arrays(images_u8, labels.numpy())})
+    settings = jsonable({"spec": spec, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                         "weight_decay": weight_decay, "width": width, "seed": seed, "data": fingerprint_arrays(images_u8, labels.numpy())})
     targets = labels[:, 1:]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -184,7 +184,8 @@ def train_predictor(spec: dict, images_u8: np.ndarray, labels: torch.Tensor, out
             model.load_state_dict(load_file(str(folder / "model.safetensors")))
             return model.eval()
     weights = _class_weights(spec, targets)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    # AdamW's decay: each video's frames share one EF, so the predictor otherwise memorises videos.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     images = torch.from_numpy(images_u8)
     steps_per_epoch = math.ceil(len(images) / batch_size)
