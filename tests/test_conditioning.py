@@ -462,3 +462,22 @@ def test_evaluate_conditioning_cli_writes_the_table(conditional_run, tmp_path, c
     assert result["rows"][0]["n"] == 11  # validation + test frames of the tiny dataset
     assert json.loads((tmp_path / "conditioning.json").read_text())["rows"][1]["n"] == 4
     assert (tmp_path / "samples-cfg3").is_dir() and "| generated | 3 | 4 |" in (tmp_path / "conditioning.md").read_text()
+
+
+def test_visible_ef_family_ties_every_frames_cavity_to_ef():
+    """In the "visible_ef" synthetic family EDV hardly varies, so ESV = EDV (1 - EF) and the LV volume of any
+    frame follow EF; in the default family EDV's spread hides EF in a single frame."""
+    from pipelines.data.synthetic_echonet import lv_volumes, sample_video_params
+
+    def correlations(style):
+        videos = [sample_video_params(0, i, style) for i in range(300)]
+        ef = np.array([v["ef"] for v in videos])
+        esv = np.array([v["esv"] for v in videos])
+        mean_volume = np.array([lv_volumes(v).mean() for v in videos])  # what a random frame shows, on average
+        assert np.allclose(ef, 100 * (1 - esv / np.array([v["edv"] for v in videos])))  # FileList's EF
+        return np.corrcoef(ef, esv)[0, 1], np.corrcoef(ef, mean_volume)[0, 1]
+
+    visible, default = correlations("visible_ef"), correlations("echonet")
+    print("corr(EF, ESV), corr(EF, mean LV volume): visible_ef", visible, "echonet", default)
+    assert visible[0] < -0.95 and visible[1] < -0.7
+    assert default[1] > -0.5  # the default family's single frames carry EF only partly (EDV's spread)
