@@ -11,6 +11,11 @@ Subcommands (each writes a JSON of results into --output_dir):
   phema-sweep  post-hoc EMA (EDM2): FID per reconstructed EMA length of a --phema run, the best exported
   export-samples  generation shards -> a PNG folder (+ metadata.csv), a datasets image dataset (frame schema,
                --push_to_hub private) or an EchoNet-layout folder (FileList.csv + Videos/) for the builder
+  conditioning  a conditional model's conditioning accuracy (EF R2 / MAE, phase accuracy) per guidance scale,
+               read by a predictor trained on real frames, against the same on held-out real frames
+
+A conditional model (train_unconditional.py --condition) samples every FID subcommand with conditions drawn
+from the real frames' labels (per seed, docs/conditioning.md); pass guidance_scale in --sampler_kwargs.
 
 Examples:
   python evaluate.py fid --model runs/edm-ddpmpp --dataset data/frames64 --seeds 0-49999
@@ -20,6 +25,7 @@ Examples:
       --ag_weights 1.5,2,3 --intervals 0:inf,0.28:5.42 --seeds 0-9999
   python evaluate.py phema-sweep --run runs/edm2-s --dataset data/frames64 --ema_std 0.03,0.05,0.07,0.1,0.15
   python evaluate.py fid-vs-nfe --model runs/edm-adm --dataset data/frames64 --samplers heun,dpmpp2m,unipc
+  python evaluate.py conditioning --model runs/cond/pipeline --dataset data/frames64 --guidance_scales 1,2,4
   accelerate launch evaluate.py fid --model user/echodiff-adm --dataset user/echonet-frames
   python evaluate.py export-samples --samples runs/eval/samples-steps30 --format echonet --output_dir gen/echonet
 """
@@ -171,6 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference_args(phema)
     _add_common_args(phema)
 
+    cond = sub.add_parser("conditioning", help="conditioning accuracy of a conditional model per guidance scale")
+    cond.add_argument("--guidance_scales", type=float_list_arg, default=[1.0, 2.0, 4.0],
+                      help="classifier-free guidance scales, one row each (default 1,2,4)")
+    cond.add_argument("--steps", type=int, default=18, help="sampler steps N (default 18)")
+    cond.add_argument("--train_split", default="train", help="real frames the predictor trains on (default train)")
+    cond.add_argument("--heldout_split", default="validation",
+                      help="held-out real frames: the predictor's own score and the generated conditions' source")
+    cond.add_argument("--predictor_epochs", type=int, default=8, help="predictor training epochs (default 8)")
+    cond.add_argument("--predictor_width", type=int, default=16, help="predictor ResNet base width (default 16)")
+    cond.add_argument("--draw_seed", type=int, default=0, help="seed of the per-seed condition draw (default 0)")
+    cond.add_argument("--no_null_row", action="store_true", help="skip the null-label (unconditional) row")
+    _add_generation_args(cond, seeds_default="0-999")
+    cond.add_argument("--dataset", required=True, help="frame dataset folder (build_frame_dataset) or Hub id")
+    _add_common_args(cond)
+
     from pipelines.evaluation import sweep as sweep_lib
 
     sweep_lib.build_parser(add_subparser(sub, "sweep", help="Table 1 grid (configs/sweep_table1.yaml, configs/sweep_demo.yaml)"))
@@ -224,6 +245,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         result["paper"] = {"64px": 0.88, "112px": 0.95}
         return _finish(result, out / "optimal_fid.json")
 
+    if args.command == "conditioning":
+        from pipelines.evaluation.conditioning import main_args
+        from pipelines.hub import attach_guide, load_pipeline
+        from pipelines.training.precision import resolve_sampling_precision
+
+        pipeline = load_pipeline(args.model, device=device)
+        if args.guide is not None:
+            attach_guide(pipeline, args.guide, device=device)
+        args.sampler_kwargs = {**args.sampler_kwargs, "precision": resolve_sampling_precision(args.precision, device)}
+        result = main_args(args, pipeline, load_frames, progress=progress)
+        return _finish(result, out / "conditioning.json")
+
     frames = load_frames(args.dataset, args.split)
     common = {"num_real": args.num_real, "subsample_seed": args.subsample_seed, "stats_path": args.ref_stats,
               "cache_dir": cache_dir, "batch_size": args.batch_size, "progress": progress}
@@ -269,6 +302,11 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         attach_guide(pipeline, args.guide, device=str(accelerator.device))
         run_info["guide"] = str(args.guide)
+    from pipelines.evaluation.conditioning import with_real_conditions
+
+    pipeline, drawn = with_real_conditions(pipeline, frames, args.subsample_seed)  # conditional models only
+    if drawn is not None:
+        run_info["conditions"] = drawn
     detector = InceptionDetector(device=device) if accelerator.is_main_process else None
     gen = {"gen_batch_size": args.gen_batch_size, "accelerator": accelerator, "run_info": run_info}
 

@@ -13,6 +13,7 @@ from pipelines.hub import push_pipeline, render_model_card, write_model_card
 from pipelines.networks import build_network, tiny_config
 
 SAVED_FILES = {
+    "conditioning.py",
     "guidance.py",
     "model_index.json",
     "pipeline_echodiff.py",

@@ -194,7 +194,7 @@ def test_save_and_load_through_diffusers_loader_is_bitwise_equal(arch, tmp_path)
     assert index["_class_name"] == ["pipeline_echodiff", "EchoDiffPipeline"]
     assert index["unet"] == [module, type(pipeline.unet).__name__]
     assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
-    carried = {"pipeline_echodiff.py", "guidance.py", "samplers.py", "preconditioning.py", "scheduling_edm_heun.py",
+    carried = {"pipeline_echodiff.py", "conditioning.py", "guidance.py", "samplers.py", "preconditioning.py", "scheduling_edm_heun.py",
                f"unet/{module}.py", "unet/layers.py",
                "scheduler/scheduling_edm_heun.py", "scheduler/preconditioning.py"}
     assert carried == {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.py")}

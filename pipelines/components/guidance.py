@@ -7,6 +7,8 @@ compose; each acts only inside its :class:`GuidanceInterval` of noise levels.
 
 * :class:`Denoiser`: the network under its preconditioning (no guidance).
 * :class:`Guidance`: the base of the wrappers (what the sampler asks passes through to the wrapped one).
+* :class:`ClassifierFreeGuidance` (Ho & Salimans 2022): D = D_uncond + s (D_cond - D_uncond), one network
+  under its label and under the null label.
 * :class:`AutoGuidance` (Karras et al. 2024): D_w = D_0 + w (D_1 - D_0), D_0 a weaker guide model.
 * :class:`DiscriminatorGuidance` (Kim et al. 2023): D_dg = D + w sigma^2 grad_x log r.
 
@@ -111,6 +113,32 @@ def check_finite(**values: float) -> None:
 
 def _per_sample_view(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+class ClassifierFreeGuidance(Guidance):
+    """D = D_u + s (D_c - D_u) on the evaluations whose sigma is inside ``interval``; D_c elsewhere.
+
+    D_c is the wrapped denoiser (the network under the requested labels), D_u ``unconditional``: the same
+    network under the null label (what label dropout trained). s = 1 is D_c alone and D_u is never run.
+    """
+
+    def __init__(self, denoiser, unconditional, scale: float = 1.0,
+                 interval: GuidanceInterval = GuidanceInterval(name="cfg")):
+        check_finite(guidance_scale=scale)
+        super().__init__(denoiser)
+        self.unconditional, self.scale, self.interval = unconditional, float(scale), interval
+
+    def __call__(self, x: torch.Tensor, sigma, evaluation: Evaluation) -> torch.Tensor:
+        d_c = self.denoiser(x, sigma, evaluation)
+        inside = self.interval.contains(per_sample(sigma, x.shape[0], x.device))
+        if self.scale == 1 or not bool(inside.any()):
+            return d_c
+        d_u = self.unconditional(x, sigma, evaluation).to(d_c.dtype)
+        guided = d_u + self.scale * (d_c - d_u)
+        return torch.where(_per_sample_view(inside, guided), guided, d_c)
+
+    def evaluation_counts(self) -> dict[str, int]:
+        return {**super().evaluation_counts(), **self.unconditional.evaluation_counts()}
 
 
 class AutoGuidance(Guidance):

@@ -31,9 +31,11 @@ from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from .conditioning import ConditionError, check_spec, describe, encode, label_dim
 from .guidance import (
     DG_SIGMA_MIN,
     AutoGuidance,
+    ClassifierFreeGuidance,
     Denoiser,
     DiscriminatorGuidance,
     Evaluation,
@@ -80,7 +82,8 @@ class EchoDiffPipeline(DiffusionPipeline):
     _optional_components = ["discriminator", "guide_unet"]
     _callback_tensor_inputs = ["latents", "denoised"]
 
-    def __init__(self, unet, scheduler, discriminator=None, guide_unet=None, preconditioning: dict | None = None):
+    def __init__(self, unet, scheduler, discriminator=None, guide_unet=None, preconditioning: dict | None = None,
+                 conditions: dict | None = None):
         super().__init__()
         if preconditioning is None:  # folders saved before the pipeline held it: the scheduler's
             if not uses_edm_preconditioning_fields(scheduler):
@@ -90,13 +93,31 @@ class EchoDiffPipeline(DiffusionPipeline):
             preconditioning = EDMPreconditioning.from_config(scheduler.config).to_config()
         preconditioning = EDMPreconditioning.from_config(dict(preconditioning)).to_config()  # validated, complete
         self.register_modules(unet=unet, scheduler=scheduler, discriminator=discriminator, guide_unet=guide_unet)
-        self.register_to_config(preconditioning=preconditioning)
+        if conditions is not None:  # named conditions (conditioning.py): validated against the UNet's label width
+            conditions = check_spec(dict(conditions))
+            unet_labels = getattr(unet.config, "label_dim", 0) or 0
+            if label_dim(conditions) != unet_labels:
+                raise ConditionError(f"conditions {describe(conditions)} need label_dim={label_dim(conditions)}, "
+                                     f"the unet has label_dim={unet_labels}")
+        self.register_to_config(preconditioning=preconditioning, conditions=conditions)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
 
     @property
     def preconditioning(self) -> EDMPreconditioning:
         """The preconditioning that turns the UNet's F into D (the one source, whatever the scheduler)."""
         return EDMPreconditioning.from_config(dict(self.config.preconditioning))
+
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        """The named conditions a call takes (``pipe(ef=35.0, phase="ES")``); empty for an unconditional model."""
+        spec = self.config.get("conditions")
+        return tuple(c["name"] for c in spec["conditions"]) if spec else ()
+
+    def split_conditions(self, call_kwargs: dict) -> tuple[dict, dict]:
+        """(named conditions, the other keyword arguments) of a call."""
+        names = self.condition_names
+        return ({k: v for k, v in call_kwargs.items() if k in names},
+                {k: v for k, v in call_kwargs.items() if k not in names})
 
     @staticmethod
     def sampler_names() -> tuple[str, ...]:
@@ -125,7 +146,7 @@ class EchoDiffPipeline(DiffusionPipeline):
 
     def _scheduler_overrides(self, call_kwargs: dict) -> dict:
         """The per-call scheduler settings among a call's keyword arguments."""
-        call_arguments = set(inspect.signature(type(self).__call__).parameters)
+        call_arguments = set(inspect.signature(type(self).__call__).parameters) | set(self.condition_names)
         return {k: v for k, v in call_kwargs.items() if k not in call_arguments}
 
     def sampler_description(self, num_inference_steps: int, sampler: str | None = None, **call_kwargs) -> dict:
@@ -145,7 +166,8 @@ class EchoDiffPipeline(DiffusionPipeline):
                  discriminator=None, dg_weight_first_order: float = 0.0, dg_weight_second_order: float = 0.0,
                  dg_boost: float = 1.0, dg_boost_churn: bool = False, dg_sigma_min: float = DG_SIGMA_MIN,
                  dg_sigma_max: float | None = None, guide_unet=None, ag_weight: float = 1.0, ag_sigma_min: float = 0.0,
-                 ag_sigma_max: float | None = None, sampler: str | None = None, precision: str = "fp32",
+                 ag_sigma_max: float | None = None, guidance_scale: float = 1.0, cfg_sigma_min: float = 0.0,
+                 cfg_sigma_max: float | None = None, sampler: str | None = None, precision: str = "fp32",
                  channels_last: bool = False, **scheduler_overrides) -> EchoDiffPipelineOutput | tuple:
         """Generate images.
 
@@ -176,25 +198,32 @@ class EchoDiffPipeline(DiffusionPipeline):
             ag_weight: autoguidance weight w: D_w = D_0 + w (D_1 - D_0), D_1 the UNet, D_0 the guide under the same
                 preconditioning (Karras et al. 2024; 1, the default: no guidance and the guide is never run).
             ag_sigma_min, ag_sigma_max: autoguidance's interval (default: every noise level); outside it D_1 alone.
+            guidance_scale: classifier-free guidance scale s on the named conditions: D = D_u + s (D_c - D_u), D_u
+                the UNet under the null label (1, the default: the conditional model alone; D_u is never run).
+            cfg_sigma_min, cfg_sigma_max: classifier-free guidance's interval (default: every noise level).
             sampler: one of :meth:`sampler_names` ("heun", "euler", "dpmpp2m", "dpmpp3m", "dpmpp2m_sde", "unipc")
                 for this call instead of ``pipe.scheduler`` (its sigma_min, sigma_max and rho carry over).
             precision: "fp32" (default) or "bf16" (autocast around the network evaluations; the sampler's own
                 arithmetic stays float64).
             channels_last: run the networks in channels-last memory format for this call.
             scheduler_overrides: sampler settings for this call only (any scheduler config field but the
-                preconditioning's, e.g. s_churn, s_min, s_max, s_noise, solver, sigma_min, sigma_max, rho).
+                preconditioning's, e.g. s_churn, s_min, s_max, s_noise, solver, sigma_min, sigma_max, rho); for a
+                conditional model also its named conditions (``pipe.condition_names``), each one value or one per
+                image, e.g. ``ef=35.0, phase="ES"``; none of them: unconditional samples (the null label).
         """
+        conditions, scheduler_overrides = self.split_conditions(scheduler_overrides)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         tensor_inputs = self.check_inputs(output_type, callback_on_step_end_tensor_inputs, precision)
         device = self._execution_device
         count, generator = self.prepare_batch(batch_size, num_images_per_prompt, seeds, generator, class_labels,
                                               latents, device)
-        labels = self.prepare_class_labels(class_labels, num_images_per_prompt, device)
+        labels = self.prepare_class_labels(class_labels, num_images_per_prompt, device, conditions, count)
         scheduler = self.scheduler_for_call(sampler, scheduler_overrides)
         scheduler.set_timesteps(num_inference_steps, device=device)
         denoiser = self.prepare_denoiser(
-            scheduler, labels, guide_unet=guide_unet, ag_weight=ag_weight,
+            scheduler, labels, guide_unet=guide_unet, guidance_scale=guidance_scale,
+            cfg_interval=GuidanceInterval(cfg_sigma_min, _no_limit(cfg_sigma_max), "cfg"), ag_weight=ag_weight,
             ag_interval=GuidanceInterval(ag_sigma_min, _no_limit(ag_sigma_max), "ag"), discriminator=discriminator,
             dg_weight_first_order=dg_weight_first_order, dg_weight_second_order=dg_weight_second_order,
             dg_boost=dg_boost, dg_boost_churn=dg_boost_churn,
@@ -301,8 +330,19 @@ class EchoDiffPipeline(DiffusionPipeline):
             generator = [torch.Generator(device=device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
         return count, generator
 
-    def prepare_class_labels(self, class_labels, num_images_per_prompt: int, device) -> torch.Tensor | None:
+    def prepare_class_labels(self, class_labels, num_images_per_prompt: int, device, conditions: dict | None = None,
+                             count: int | None = None) -> torch.Tensor | None:
+        """The (B, label_dim) labels of a call: from ``class_labels``, or encoded from the named ``conditions``
+        (the null label when a conditional pipeline gets none), or None for an unconditional network."""
         label_dim = getattr(self.unet.config, "label_dim", 0) or 0
+        spec = self.config.get("conditions")
+        if conditions and class_labels is not None:
+            raise ValueError(f"pass either class_labels or named conditions {sorted(conditions)}, not both")
+        if spec and class_labels is None:
+            if not conditions and not spec["label_dropout"]:
+                logger.warning("this model was trained without label dropout, so its null label (unconditional "
+                               "samples) is untrained: pass %s", describe(spec))
+            return encode(spec, conditions or {}, count).to(device)
         if class_labels is None:
             if label_dim:
                 raise ValueError(f"this network is conditional (label_dim={label_dim}): pass class_labels "
@@ -337,21 +377,40 @@ class EchoDiffPipeline(DiffusionPipeline):
         if overrides:
             unknown = sorted(set(overrides) - set(self.sampler_settings(scheduler)))
             if unknown:
+                named = (f"; this model's named conditions are {list(self.condition_names)}" if self.condition_names
+                         else "; this pipeline has no named conditions")
                 raise TypeError(f"unexpected argument(s) {unknown}; sampler overrides are "
-                                f"{self.sampler_settings(scheduler)}")
+                                f"{self.sampler_settings(scheduler)}{named}")
             scheduler = type(scheduler).from_config(scheduler.config, **overrides)
         return configure_for(scheduler, preconditioning)
 
-    def prepare_denoiser(self, scheduler, class_labels, guide_unet=None, ag_weight: float = 1.0,
+    def prepare_denoiser(self, scheduler, class_labels, guide_unet=None, guidance_scale: float = 1.0,
+                         cfg_interval: GuidanceInterval = GuidanceInterval(name="cfg"), ag_weight: float = 1.0,
                          ag_interval: GuidanceInterval = GuidanceInterval(name="ag"), discriminator=None,
                          dg_weight_first_order: float = 0.0, dg_weight_second_order: float = 0.0, dg_boost: float = 1.0,
                          dg_boost_churn: bool = False, dg_interval: GuidanceInterval = GuidanceInterval(name="dg")):
-        """D(x; sigma) of the UNet under the pipeline's preconditioning, wrapped in autoguidance when
-        ``ag_weight != 1`` and then in DG when a DG weight is set (with neither: exactly the plain sampler)."""
+        """D(x; sigma) of the UNet under the pipeline's preconditioning, wrapped in classifier-free guidance
+        when ``guidance_scale != 1``, then in autoguidance when ``ag_weight != 1`` and then in DG when a DG weight
+        is set (with none of them: exactly the plain sampler)."""
         denoiser = Denoiser(self.unet, self.preconditioning, class_labels)
+        denoiser = self.prepare_classifier_free_guidance(denoiser, class_labels, guidance_scale, cfg_interval)
         denoiser = self.prepare_autoguidance(denoiser, class_labels, guide_unet, ag_weight, ag_interval)
         return self.prepare_discriminator_guidance(denoiser, scheduler, discriminator, dg_weight_first_order,
                                                    dg_weight_second_order, dg_boost, dg_boost_churn, dg_interval)
+
+    def prepare_classifier_free_guidance(self, denoiser, class_labels, scale: float, interval: GuidanceInterval):
+        if scale == 1:
+            return denoiser  # s = 1 is D_c itself: the null label is never evaluated
+        spec = self.config.get("conditions")
+        if not spec:
+            raise ValueError(f"guidance_scale={scale} needs a conditional pipeline with named conditions "
+                             "(config.conditions); this one has none (guidance_scale=1 is unguided)")
+        if not bool(class_labels.any()):
+            raise ConditionError(f"guidance_scale={scale} guides towards the named conditions: give "
+                                 f"{describe(spec)}")
+        unconditional = Denoiser(self.unet, self.preconditioning, torch.zeros_like(class_labels),
+                                 name="unet_unconditional")
+        return ClassifierFreeGuidance(denoiser, unconditional, scale, interval)
 
     def prepare_autoguidance(self, denoiser, class_labels, guide_unet, weight: float,
                              interval: GuidanceInterval):

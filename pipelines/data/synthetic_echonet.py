@@ -82,6 +82,15 @@ STYLES: dict[str, EchoStyle] = {
         speckle_temporal_corr=0.0,
         gamma=1.3,
     ),
+    # EF visible in a single frame (conditioning checks, issue 18): EDV nearly fixed, so the cavity size at any
+    # phase follows ESV = EDV (1 - EF); the probe geometry varies little.
+    "visible_ef": EchoStyle(
+        depth_cm=(16.0, 16.5),
+        gain=(0.95, 1.05),
+        edv_mean_sd_clip=(115.0, 6.0, 100.0, 130.0),
+        lv_aspect=(1.75, 1.85),
+        tilt_rad=(-0.05, 0.05),
+    ),
 }
 
 

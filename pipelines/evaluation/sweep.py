@@ -207,6 +207,11 @@ def evaluate_run(config: SweepConfig, run: SweepRun, cache_dir: Path, progress: 
     pipeline_dir = Path(config.output_dir) / run.name / "train" / "pipeline"
     pipe = load_pipeline(pipeline_dir, device=str(accelerator.device))
     frames = load_frames(config.dataset, ev_cfg["split"])
+    from pipelines.evaluation.conditioning import with_real_conditions
+
+    # A run trained with a `condition:` samples conditions drawn from the real frames' labels.
+    pipe, drawn = with_real_conditions(pipe, frames, int(ev_cfg["subsample_seed"]))
+    run_info = {"model": str(pipeline_dir), **({"conditions": drawn} if drawn else {})}
     first = int(ev_cfg["first_seed"])
     seeds = list(range(first, first + int(ev_cfg["num_generated"])))
     detector = InceptionDetector(device=str(accelerator.device)) if accelerator.is_main_process else None
@@ -215,7 +220,7 @@ def evaluate_run(config: SweepConfig, run: SweepRun, cache_dir: Path, progress: 
         num_inference_steps=int(ev_cfg["steps"]), num_real=ev_cfg["num_real"],
         subsample_seed=int(ev_cfg["subsample_seed"]), cache_dir=cache_dir, detector=detector,
         batch_size=int(ev_cfg["batch_size"]), gen_batch_size=int(ev_cfg["gen_batch_size"]),
-        accelerator=accelerator, kid=bool(ev_cfg["kid"]), run_info={"model": str(pipeline_dir)},
+        accelerator=accelerator, kid=bool(ev_cfg["kid"]), run_info=run_info,
         progress=progress, **ev_cfg["sampler_kwargs"])
     if result is None:
         return None

@@ -94,6 +94,13 @@ class TrainConfig:
     network_overrides: dict[str, Any] = _option(
         help="JSON object of network config fields, e.g. a smaller model_channels", group=DATA, factory=dict,
         resume=MODEL)
+    condition: str | None = _option(
+        None, help="train a conditional model on these comma-separated dataset columns, e.g. 'ef,phase' (EF a "
+        "scaled scalar, categorical columns one-hot; 'phase' is ED / ES / other from is_ed_frame / is_es_frame; "
+        "docs/conditioning.md)", group=DATA, resume=MODEL, default_text="unconditional")
+    label_dropout: float = _option(
+        0.1, help="with --condition: probability that an image trains the null label (unconditional sampling and "
+        "classifier-free guidance need it)", group=DATA, resume=MODEL, at_least=0, below=1)
     duration_kimg: float | None = _option(
         None, help="training length in thousands of images", group=OPTIM,
         default_text="Table 1: " + ", ".join(f"{a} {k:g}" for a, k in PAPER_DURATION_KIMG.items())
@@ -400,6 +407,9 @@ def _check_bounds(name: str, value: Any, above: float | None, at_least: float | 
 
 
 def _validate_network_overrides(cfg: TrainConfig) -> None:
+    for name, flag in (("label_dim", "--condition"), ("label_dropout", "--label_dropout")):
+        if name in cfg.network_overrides:  # the label width follows the conditions; dropout is drawn per image
+            raise ConfigError(f"--network_overrides: {name} is set by {flag}")
     if "out_channels" in cfg.network_overrides:  # D = c_skip x + c_out F needs F shaped like x
         raise ConfigError("--network_overrides: out_channels follows --channels (a denoiser outputs an image)")
     # Cheap structural check of the overrides now, so a typo fails before the dataset is read.

@@ -107,6 +107,13 @@ def collate_images(items: list[dict]) -> torch.Tensor:
     return torch.stack([torch.as_tensor(np.asarray(item["image"])) for item in items])
 
 
+def label_keep_mask(positions: Sequence[int], seed: int, probability: float) -> torch.Tensor:
+    """(B, 1) float: 0 where the image trains the null label (label dropout), drawn per stream position so that
+    the same image drops its label in any batch split and on resume."""
+    draws = [torch.rand((), generator=_seeded_generator(seed, int(p), 0x1ABE1)) for p in positions]
+    return (torch.stack(draws) >= probability).to(torch.float32)[:, None] if draws else torch.zeros(0, 1)
+
+
 def image_generators(positions: Sequence[int], seed: int) -> list[torch.Generator]:
     """One CPU generator per image, seeded by (seed, stream position): the image's noise is the same in
     any batch split."""

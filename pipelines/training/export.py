@@ -23,7 +23,8 @@ RUN_INFO_FILE = "run_info.json"
 CARD_FIELDS = ("arch", "precond", "recipe", "resolution", "channels", "num_parameters", "dropout", "dataset", "split",
                "dataset_size", "batch_size", "world_size", "batch_per_round", "accumulation_rounds", "duration_kimg",
                "images_seen", "steps", "lr", "lr_rampup_kimg", "lr_ref_batches", "p_mean", "p_std", "adam_beta1", "adam_beta2", "adam_epsilon",
-               "ema_halflife_kimg", "ema_rampup_ratio", "phema", "phema_std", "mixed_precision", "seed", "nonfinite_grad_steps")
+               "ema_halflife_kimg", "ema_rampup_ratio", "phema", "phema_std", "mixed_precision", "seed", "nonfinite_grad_steps",
+               "condition", "label_dropout")
 
 
 def new_sampling_net(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -34,10 +35,11 @@ def new_sampling_net(net: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     return copy.to(device).eval().requires_grad_(False)
 
 
-def sampling_pipeline(net_for_sampling: torch.nn.Module, scheduler):
+def sampling_pipeline(net_for_sampling: torch.nn.Module, scheduler, conditions: dict | None = None):
+    """The pipeline of the EMA weights; a conditional run's snapshots sample its null label (unconditional)."""
     from pipelines.components.pipeline_echodiff import EchoDiffPipeline
 
-    pipe = EchoDiffPipeline(unet=net_for_sampling, scheduler=scheduler)
+    pipe = EchoDiffPipeline(unet=net_for_sampling, scheduler=scheduler, conditions=conditions)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -80,18 +82,34 @@ def training_card_section(run_info: dict[str, Any], ema_halflife_kimg: float | N
         ema_halflife_kimg = half_lives[0]
     if ema_halflife_kimg is not None:
         run_info = dict(run_info, ema_halflife_kimg=ema_halflife_kimg)
-    rows = "\n".join(f"| {key} | {run_info[key]} |" for key in CARD_FIELDS if key in run_info)
+    rows = "\n".join(f"| {key} | {run_info[key]} |" for key in CARD_FIELDS if key in run_info
+                     and (run_info.get("condition") or key not in ("condition", "label_dropout")))
     return (
         "\n## Training configuration\n\n"
         f"Trained with EchoDiff's `train_unconditional.py`; the weights are the EMA with half-life "
         f"{run_info.get('ema_halflife_kimg')} kimg (the raw weights stay in the training checkpoints).\n\n"
         f"| setting | value |\n|---|---|\n{rows}\n\n"
+        + conditioning_card_section(run_info.get("conditions")) +
         "<details><summary>full run configuration</summary>\n\n```json\n"
         f"{json.dumps(run_info, indent=2, sort_keys=True, default=str)}\n```\n\n</details>\n"
     )
 
 
-def export_pipelines(cfg, ema, sampling_net, scheduler, output_dir: Path, run_info: dict[str, Any]) -> list[Path]:
+def conditioning_card_section(conditions: dict | None) -> str:
+    """The card's paragraph on a conditional model's named conditions (empty for an unconditional one)."""
+    if not conditions:
+        return ""
+    from pipelines.components.conditioning import describe
+
+    names = ", ".join(f"{c['name']}=..." for c in conditions["conditions"])
+    return (f"**Conditional model.** Conditions: {describe(conditions)}; label dropout "
+            f"{conditions['label_dropout']:g} (the null label: `pipe(seeds=...)` with no condition samples "
+            f"unconditionally). Sample with `pipe(seeds=[0, 1], {names}, guidance_scale=1.0)` "
+            "(docs/conditioning.md).\n\n")
+
+
+def export_pipelines(cfg, ema, sampling_net, scheduler, output_dir: Path, run_info: dict[str, Any],
+                     conditions: dict | None = None) -> list[Path]:
     """save_pretrained of one pipeline per EMA half-life (EMA weights), each with its model card; the run
     info goes to ``<output_dir>/run_info.json``. Returns the folders, ``<output_dir>/pipeline`` first."""
 
@@ -103,7 +121,7 @@ def export_pipelines(cfg, ema, sampling_net, scheduler, output_dir: Path, run_in
         # Written aside and renamed into place, as checkpoints are: a kill never leaves a half-written pipeline.
         tmp = output_dir / f"{TMP_PREFIX}{target.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        pipe = sampling_pipeline(sampling_net, scheduler)
+        pipe = sampling_pipeline(sampling_net, scheduler, conditions)
         pipe.save_pretrained(str(tmp))
         write_pipeline_card(cfg, pipe, tmp, run_info, half_life, location=target)
         replace_folder(tmp, target)

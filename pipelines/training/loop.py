@@ -81,6 +81,7 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
     check_launched_world_size(accelerator.num_processes)
     layout = batch_layout(cfg.batch_size, accelerator.num_processes, cfg.batch_per_gpu)
     dataset = open_dataset(cfg)
+    conditions, labels = training_conditions(cfg, dataset)
     data = {"resolution": dataset.resolution, "channels": dataset.channels,
             "dataset_fingerprint": dataset_fingerprint(dataset)}
     store = training_checkpoints(cfg.output_dir)
@@ -88,7 +89,7 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
     if resume_path is None:
         _check_no_other_run(cfg, store)
     _prepare_output_dir(accelerator, cfg, store, new_run=resume_path is None)
-    parts = _build_training(cfg, accelerator, dataset.resolution, dataset.channels)
+    parts = _build_training(cfg, accelerator, dataset.resolution, dataset.channels, conditions)
     progress = _Progress(data, nonfinite_now=torch.zeros((), dtype=torch.long, device=accelerator.device))
     if resume_path is not None:
         progress.restore(load_training_checkpoint(accelerator, resume_path, parts.ema, parts.phema,
@@ -97,8 +98,10 @@ def train(cfg: TrainConfig, hub_api=None) -> TrainResult:
                           f"(step {progress.step}) of {cfg.duration_nimg / 1000:g} kimg")
     _truncate_metrics(accelerator, Path(cfg.output_dir), progress.step)
     warn_short_warmup(cfg)
-    batches = _batches(cfg, dataset, layout, accelerator, progress.step)
+    batches = _batches(cfg, dataset, layout, accelerator, progress.step, labels)
     run_info = _run_info(cfg, accelerator, layout, dataset, parts.net)
+    if conditions is not None:
+        run_info["conditions"] = conditions
     accelerator.init_trackers(cfg.tracker_project_name,
                               config={k: v for k, v in run_info.items() if isinstance(v, int | float | str | bool)})
     meter = _Meter(cfg, accelerator, progress)
@@ -221,6 +224,20 @@ def dataset_fingerprint(dataset, samples: int = 16) -> str:
     return digest.hexdigest()
 
 
+def training_conditions(cfg: TrainConfig, dataset):
+    """(condition spec, per-frame labels) of ``--condition`` on the training split, or (None, None)."""
+    from pipelines.data.conditions import condition_spec, dataset_labels, parse_condition_names
+
+    try:
+        names = parse_condition_names(cfg.condition)
+        if not names:
+            return None, None
+        spec = condition_spec(dataset, names, cfg.label_dropout)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return spec, dataset_labels(dataset, spec)
+
+
 def _resume_path(cfg: TrainConfig, store: CheckpointStore, data: dict[str, Any]) -> Path | None:
     """The checkpoint to resume from (checked against ``cfg``), or None for a new run."""
     if cfg.resume_from_checkpoint is None:
@@ -307,18 +324,21 @@ class _Parts:
     optimizer: torch.optim.Optimizer
     loss_fn: Any
     scheduler: Any
+    conditions: dict | None  # the condition spec the exported pipelines carry (None: unconditional)
     ema: EDMEma
     phema: PowerFunctionEMA | None  # post-hoc EMA profiles (--phema)
 
 
-def _build_training(cfg: TrainConfig, accelerator, resolution: int, channels: int) -> _Parts:
+def _build_training(cfg: TrainConfig, accelerator, resolution: int, channels: int, conditions: dict | None) -> _Parts:
     from accelerate.utils import set_seed
+
+    from pipelines.components.conditioning import label_dim
 
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.seed)  # the same initial weights on every process
-    net, loss_fn, scheduler = build_components(cfg, resolution, channels)
+    net, loss_fn, scheduler = build_components(cfg, resolution, channels, label_dim(conditions) if conditions else 0)
     if cfg.gradient_checkpointing:
         net.enable_gradient_checkpointing()
     if cfg.channels_last:
@@ -332,14 +352,18 @@ def _build_training(cfg: TrainConfig, accelerator, resolution: int, channels: in
     ema.to(accelerator.device)
     if phema is not None:
         phema.to(accelerator.device)
-    return _Parts(net, model, optimizer, loss_fn, scheduler, ema, phema)
+    return _Parts(net, model, optimizer, loss_fn, scheduler, conditions, ema, phema)
 
 
-def _batches(cfg: TrainConfig, dataset, layout: BatchLayout, accelerator, start_step: int):
-    """This process's chunks from ``start_step`` on, as uint8 image batches."""
+def _batches(cfg: TrainConfig, dataset, layout: BatchLayout, accelerator, start_step: int, labels=None):
+    """This process's chunks from ``start_step`` on, as uint8 image batches (with ``labels``: (images, labels))."""
+    from pipelines.data.conditions import LabelledFrames, collate_labelled
+
+    if labels is not None:
+        dataset = LabelledFrames(dataset, labels)
     sampler = RankBatchSampler(len(dataset), layout, accelerator.process_index, cfg.seed, start_step=start_step)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=cfg.dataloader_num_workers,
+        dataset, batch_sampler=sampler, collate_fn=collate_images if labels is None else collate_labelled, num_workers=cfg.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.dataloader_num_workers > 0,
         # Its own generator: creating the iterator must not draw from the (restored) global RNG.
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -456,7 +480,7 @@ def _snapshot(cfg: TrainConfig, accelerator, parts: _Parts, progress: _Progress,
     """A sample grid of the EMA weights (main process); the others wait."""
     if accelerator.is_main_process:
         sampling_net = parts.ema.copy_to(new_sampling_net(parts.net, accelerator.device), 0)
-        save_snapshot(accelerator, sampling_pipeline(sampling_net, parts.scheduler), cfg.num_sample_images,
+        save_snapshot(accelerator, sampling_pipeline(sampling_net, parts.scheduler, parts.conditions), cfg.num_sample_images,
                       cfg.sample_steps, Path(cfg.output_dir), progress.images_seen, progress.step, save_pipeline)
     accelerator.wait_for_everyone()
 
@@ -469,7 +493,7 @@ def _export(cfg: TrainConfig, accelerator, parts: _Parts, run_info: dict[str, An
         run_info.update(images_seen=progress.images_seen, steps=progress.step,
                         nonfinite_grad_steps=progress.nonfinite_total())
         pipeline_dirs = export_pipelines(cfg, parts.ema, new_sampling_net(parts.net, accelerator.device),
-                                         parts.scheduler, Path(cfg.output_dir), run_info)
+                                         parts.scheduler, Path(cfg.output_dir), run_info, parts.conditions)
         if cfg.push_to_hub:
             from pipelines import hub
 

@@ -10,22 +10,23 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from pipelines.training.config import TrainConfig
-from pipelines.training.data_order import BatchLayout, image_generators
+from pipelines.training.data_order import BatchLayout, image_generators, label_keep_mask
 from pipelines.training.stats import TrainStats
 from pipelines.utils import to_float
 
 logger = logging.getLogger(__name__)
 
 
-def build_components(cfg: TrainConfig, resolution: int, channels: int):
-    """(network F, DenoisingLoss, EDMHeunScheduler) for ``cfg``; the network's init draws from torch's global RNG."""
+def build_components(cfg: TrainConfig, resolution: int, channels: int, label_dim: int = 0):
+    """(network F, DenoisingLoss, EDMHeunScheduler) for ``cfg``; the network's init draws from torch's global RNG.
+    ``label_dim`` > 0: a conditional network (label dropout is the training step's, per image, not the network's)."""
     from pipelines.components.preconditioning import EDMPreconditioning
     from pipelines.components.scheduling_edm_heun import EDMHeunScheduler
     from pipelines.losses import DenoisingLoss
     from pipelines.networks import build_network, is_edm2
 
     net = build_network(cfg.arch, resolution=resolution, channels=channels, dropout=cfg.dropout,
-                        **cfg.network_overrides)
+                        label_dim=label_dim, **cfg.network_overrides)
     # EDM2's UNets carry their uncertainty head, which only the uncertainty-weighted loss trains.
     loss_fn = DenoisingLoss(preconditioning=EDMPreconditioning(kind=cfg.precond), P_mean=cfg.p_mean,
                             P_std=cfg.p_std, uncertainty=is_edm2(cfg.arch))
@@ -60,7 +61,7 @@ def learning_rate(cfg: TrainConfig, images_seen: int) -> float:
 
 def train_step(accelerator, model, optimizer, loss_fn, chunks: Sequence[tuple[torch.Tensor, Sequence[int]]],
                cfg: TrainConfig, layout: BatchLayout, stats: TrainStats, images_seen: int) -> torch.Tensor:
-    """One optimiser step over this process's chunks [(uint8 images, stream positions)], with gradient
+    """One optimiser step over this process's chunks [(uint8 images or (images, labels), stream positions)], with gradient
     accumulation; returns whether the gradient was non-finite (0-d bool tensor).
 
     Each image draws its sigma and noise from its own generator (``image_generators``), and the summed
@@ -68,14 +69,18 @@ def train_step(accelerator, model, optimizer, loss_fn, chunks: Sequence[tuple[to
     accumulation (to float rounding; dropout masks are the only split-dependent randomness).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    for round_index, (images_u8, positions) in enumerate(chunks):
+    for round_index, (batch, positions) in enumerate(chunks):
+        images_u8, labels = batch if isinstance(batch, tuple) else (batch, None)
+        if labels is not None:  # label dropout: these images train the null label (all zeros)
+            labels = (labels * label_keep_mask(positions, cfg.seed, cfg.label_dropout)).to(accelerator.device)
         images = to_float(images_u8.to(accelerator.device, non_blocking=True))
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         last = round_index == len(chunks) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync:
-            per_pixel, sigma = loss_fn(model, images, generator=image_generators(positions, cfg.seed))
+            per_pixel, sigma = loss_fn(model, images, class_labels=labels,
+                                       generator=image_generators(positions, cfg.seed))
             # EDM's normalisation: sum over pixels, divided by this process's share of the global batch;
             # DDP's average over processes then gives (sum over the global batch) / batch_size.
             accelerator.backward(per_pixel.sum() / layout.batch_per_process)
