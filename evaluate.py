@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference_args(phema)
     _add_common_args(phema)
 
-    cond = sub.add_parser("conditioning", help="conditioning accuracy of a conditional model per guidance scale")
+    cond = add_subparser(sub, "conditioning", help="conditioning accuracy of a conditional model per guidance scale")
     cond.add_argument("--guidance_scales", type=float_list_arg, default=[1.0, 2.0, 4.0],
                       help="classifier-free guidance scales, one row each (default 1,2,4)")
     cond.add_argument("--steps", type=int, default=18, help="sampler steps N (default 18)")

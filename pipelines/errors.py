@@ -31,7 +31,10 @@ def run_cli(main: Callable[..., Any], argv: list[str] | None = None) -> Any:
     """Run a script's ``main``; a UserInputError ends as ``error: ...`` on stderr with exit code 2 (argparse's)."""
     try:
         return main(argv)
-    except UserInputError as err:
+    except Exception as err:
+        # Errors from a saved pipeline's own code (which cannot import this module) carry `user_input = True`.
+        if not isinstance(err, UserInputError) and not getattr(err, "user_input", False):
+            raise
         message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

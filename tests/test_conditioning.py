@@ -315,7 +315,8 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_exported_pipeline_keeps_condition_names_and_ranges_through_save_load_and_remote_code(conditional_run):
+def test_exported_pipeline_keeps_condition_names_and_ranges_through_save_load_and_remote_code(conditional_run,
+                                                                                              capsys):
     from diffusers import DiffusionPipeline
 
     root, folder = conditional_run["root"], conditional_run["result"].pipeline_dirs[0]
@@ -339,6 +340,14 @@ def test_exported_pipeline_keeps_condition_names_and_ranges_through_save_load_an
     assert dict(again.config.conditions) == stored and torch.equal(again(**call).images, expected)
     with pytest.raises(ValueError, match=rf"ef={high + 1:g} is outside the range"):  # remote code's ConditionError
         again(seeds=[0], num_inference_steps=2, ef=high + 1, phase="ES")
+    from pipelines.errors import run_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # the remote code's own error type: a script's one error line
+        run_cli(lambda argv: again(seeds=[0], num_inference_steps=2, ef=high + 1, phase="ES"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "is outside the range" in err
+    assert "Traceback" not in err
 
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / "hf_modules"))

@@ -25,6 +25,8 @@ KINDS = ("scalar", "categorical")
 class ConditionError(ValueError):
     """A condition value or name the pipeline's condition spec does not accept (the message names it)."""
 
+    user_input = True  # a saved pipeline's code cannot import pipelines.errors: run_cli recognises this mark
+
 
 def check_spec(spec: dict) -> dict:
     """``spec`` validated and normalised (a plain dict of lists, as model_index.json stores it)."""
