@@ -433,6 +433,16 @@ def test_conditioning_study_scores_resumes_and_fid_draws_real_conditions(conditi
     generate_images(wrapped, tmp_path / "b1", [0, 1, 2], batch_size=1, num_inference_steps=2, progress=False)
     generate_images(wrapped, tmp_path / "b3", [0, 1, 2], batch_size=3, num_inference_steps=2, progress=False)
     assert np.array_equal(load_images(tmp_path / "b1"), load_images(tmp_path / "b3"))
+    # The shards keep each seed's conditions, so an EchoNet-layout export's FileList names the EF used.
+    import csv
+
+    from pipelines.evaluation.sample_export import export_echonet_folder
+
+    with np.load(next((tmp_path / "b3").glob("shard-*.npz"))) as shard:
+        assert shard["ef"].tolist() == draw([0, 1, 2])["ef"] and shard["phase"].tolist() == draw([0, 1, 2])["phase"]
+    export_echonet_folder(tmp_path / "b3", tmp_path / "echonet")
+    with open(tmp_path / "echonet" / "FileList.csv", newline="") as f:
+        assert [float(row["EF"]) for row in csv.DictReader(f)] == pytest.approx(draw([0, 1, 2])["ef"])
 
     options = {"epochs": 1, "width": 4, "batch_size": 16}
     result = conditioning_study(pipe, train_frames, heldout, tmp_path / "study", guidance_scales=[1.0, 2.0],

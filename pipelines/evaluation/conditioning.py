@@ -90,6 +90,11 @@ class ConditionedPipeline:
             raise ValueError("a conditional model evaluated on drawn conditions needs seeds=... (one per image)")
         return self.pipeline(*args, seeds=seeds, **self.draw(seeds), **kwargs)
 
+    def shard_labels(self, seeds: Sequence[int]) -> dict[str, np.ndarray]:
+        """The conditions each seed is sampled with, as generation shards store them beside the images (so an
+        export's FileList.csv / metadata.csv names the conditions used)."""
+        return {name: np.asarray(values) for name, values in self.draw(seeds).items()}
+
     def __getattr__(self, name: str):
         return getattr(self.pipeline, name)
 

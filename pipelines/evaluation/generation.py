@@ -69,10 +69,11 @@ def finished_seeds(out_dir: str | os.PathLike) -> set[int]:
     return done
 
 
-def _write_shard(out_dir: Path, images: np.ndarray, seeds: Sequence[int]) -> Path:
+def _write_shard(out_dir: Path, images: np.ndarray, seeds: Sequence[int],
+                 labels: dict[str, np.ndarray] | None = None) -> Path:
     # atomic_write's temporary ".shard-*.tmp-<pid>" is what generate_images clears after a kill.
     return atomic_save_npz(out_dir / f"shard-{seeds[0]:09d}-n{len(seeds)}.npz", images=images,
-                           seeds=np.asarray(seeds, dtype=np.int64))
+                           seeds=np.asarray(seeds, dtype=np.int64), **(labels or {}))
 
 
 def _check_run_file(out_dir: Path, run: dict) -> None:
@@ -150,7 +151,9 @@ def generate_images(pipeline: Any, out_dir: str | os.PathLike, seeds: str | Iter
                                          "nothing is scored")
                 parts.append(to_uint8(latents).cpu().numpy())
                 bar.update(len(batch_seeds))
-            _write_shard(out_dir, np.concatenate(parts), shard_seeds)
+            # A pipeline that picks each seed's conditions (ConditionedPipeline) says which, for the exports.
+            labels = pipeline.shard_labels(shard_seeds) if hasattr(pipeline, "shard_labels") else None
+            _write_shard(out_dir, np.concatenate(parts), shard_seeds, labels)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return out_dir
