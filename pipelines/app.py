@@ -72,6 +72,8 @@ HAS_DISCRIMINATOR = Needs("a discriminator (train one with train_discriminator.p
                           lambda pipe: getattr(pipe, "discriminator", None) is not None)
 HAS_GUIDE = Needs("a guide network (guide_unet; attach one with pipelines.hub.attach_guide)",
                   lambda pipe: getattr(pipe, "guide_unet", None) is not None)
+HAS_CONDITIONS = Needs("named conditions (train one with train_unconditional.py --condition)",
+                       lambda pipe: bool(getattr(pipe, "condition_names", ())))
 
 
 @dataclass(frozen=True)
@@ -88,9 +90,10 @@ class Control:
     info: str = ""
     needs: Needs = ANY_PIPELINE
     choices: Callable[[Any], Sequence[str]] | None = None  # a dropdown of these names instead
+    text: bool = False  # a text box of ``name=value`` pairs, each its own call argument (named conditions)
 
     def supported(self, pipe) -> bool:
-        return pipe is not None and self.name in call_arguments(pipe) and self.needs.check(pipe)
+        return pipe is not None and (self.text or self.name in call_arguments(pipe)) and self.needs.check(pipe)
 
 
 # New call arguments get one row each (their group becomes a section of the page).
@@ -113,6 +116,11 @@ CONTROLS: tuple[Control, ...] = (
             "guide only for sigma >= this", HAS_GUIDE),
     Control("ag_sigma_max", "Autoguidance up to sigma", "Autoguidance", 0.0, 80.0, None,
             "empty = no limit", HAS_GUIDE),
+    Control("conditions", "Conditions", "Conditions", info="name=value pairs, e.g. ef=35, phase=ES (the loaded "
+            "model's names and ranges are in its status line); empty = the null label", needs=HAS_CONDITIONS,
+            text=True),
+    Control("guidance_scale", "Classifier-free guidance scale", "Conditions", 0.0, 8.0, 0.25,
+            "D_u + s (D_c - D_u) on the conditions; 1 = no guidance", HAS_CONDITIONS),
 )
 
 
@@ -136,6 +144,8 @@ def control_default(pipe, control: Control) -> Any:
     """The value the pipeline uses when the argument is not given (None when no pipeline is loaded)."""
     if pipe is None:
         return control.minimum
+    if control.text:
+        return ""
     if hasattr(pipe, "sampler_settings") and control.name in pipe.sampler_settings():
         return pipe.scheduler.config[control.name]
     parameter = inspect.signature(pipe.__call__).parameters.get(control.name)
@@ -204,6 +214,11 @@ def describe(pipe, key: ModelKey) -> str:
     parts = [f"{type(pipe.unet).__name__}", f"{resolution}, {config.in_channels} channel(s)",
              f"{pipe.scheduler.config.get('preconditioning', 'edm')} preconditioning",
              "with a DG discriminator" if getattr(pipe, "discriminator", None) is not None else "no discriminator"]
+    spec = pipe.config.get("conditions") if HAS_CONDITIONS.check(pipe) else None
+    if spec:
+        parts.append("conditions: " + ", ".join(
+            f"{c['name']} in [{c['range'][0]:g}, {c['range'][1]:g}]" if c["kind"] == "scalar"
+            else f"{c['name']} one of {', '.join(map(str, c['classes']))}" for c in spec["conditions"]))
     return f"Loaded `{key.model}`{revision} on {key.device}: " + ", ".join(parts) + "."
 
 
@@ -226,6 +241,23 @@ def _whole(value: Any, name: str) -> int:
     return int(float(value))
 
 
+def named_conditions(text: Any) -> dict[str, Any]:
+    """``"ef=35, phase=ES"`` -> ``{"ef": 35.0, "phase": "ES"}`` (numbers where they parse); the pipeline checks
+    the names and values against its own condition spec."""
+    conditions = {}
+    for pair in (part.strip() for part in str(text or "").split(",")):
+        if not pair:
+            continue
+        name, equals, value = (item.strip() for item in pair.partition("="))
+        if not equals or not name or not value:
+            raise ValueError(f"conditions: expected name=value pairs such as ef=35, phase=ES, got {pair!r}")
+        try:
+            conditions[name] = float(value)
+        except ValueError:
+            conditions[name] = value
+    return conditions
+
+
 def sampling_arguments(pipe, steps: Any, values: dict[str, Any], max_steps: int = MAX_STEPS) -> dict[str, Any]:
     """Checked keyword arguments for ``pipe(...)``: the steps and each control's value.
 
@@ -240,7 +272,9 @@ def sampling_arguments(pipe, steps: Any, values: dict[str, Any], max_steps: int 
         if control.name not in values:
             continue
         value = values[control.name]
-        if control.supported(pipe):
+        if control.supported(pipe) and control.text:
+            arguments.update(named_conditions(value))
+        elif control.supported(pipe):
             arguments[control.name] = value
         elif value not in (None, control.minimum, control_default(pipe, control)):
             need = control.needs.what or f"a pipeline that takes {control.name}"
@@ -443,7 +477,8 @@ def _nfe_line(pipe, steps, values: dict[str, Any] | None = None) -> str:
     if pipe is None:
         return ""
     try:
-        arguments = {c.name: values[c.name] for c in CONTROLS if values and c.name in values and c.supported(pipe)}
+        arguments = {c.name: values[c.name] for c in CONTROLS
+                     if values and c.name in values and c.supported(pipe) and not c.text}
         return f"{int(steps)} steps = {evaluations(pipe, steps, arguments)} network evaluations (NFE) per image"
     except (ValueError, TypeError) as exc:
         return f"**Error:** {exc}"
@@ -465,6 +500,8 @@ def _widget(gr, control: Control, pipe):
     common = dict(label=control.label, info=control.info, visible=visible, elem_id=f"control-{control.name}")
     if control.choices is not None:
         return gr.Dropdown(list(control.choices(pipe)) if visible else [], value=value, **common)
+    if control.text:
+        return gr.Textbox(value or "", placeholder="ef=35, phase=ES", **common)
     if control.step is None:
         return gr.Number(value, minimum=control.minimum, maximum=control.maximum, **common)
     return gr.Slider(control.minimum, control.maximum, value, step=control.step, **common)
@@ -476,6 +513,8 @@ def _control_updates(gr, pipe) -> list:
     for control in (c for rows in control_groups().values() for c in rows):  # the widgets' order
         visible = control.supported(pipe)
         update = {"visible": visible, "value": control_default(pipe, control) if visible else control.minimum}
+        if control.text:
+            update["value"] = update["value"] or ""
         if control.choices is not None:
             update["choices"] = list(control.choices(pipe)) if visible else []
         updates.append(gr.update(**update))

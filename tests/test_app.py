@@ -182,6 +182,44 @@ def test_autoguidance_controls_need_a_guide_and_give_the_pipelines_images(plain)
     assert not np.array_equal(images, reference(with_guide, [1, 2]))  # the guide acted
 
 
+def test_condition_controls_need_a_conditional_model_and_give_the_pipelines_images(plain):
+    from pipelines.app import describe, named_conditions
+    from pipelines.components.conditioning import label_dim
+
+    spec = {"label_dropout": 0.2, "conditions": [
+        {"name": "ef", "kind": "scalar", "column": "EF", "range": [20.0, 80.0]},
+        {"name": "phase", "kind": "categorical", "column": "phase", "classes": ["ED", "ES", "other"]}]}
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        unet = build_network("adm", channels=1, **tiny_config("adm"), label_dim=label_dim(spec)).eval()
+        with torch.no_grad():
+            for parameter in unet.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    conditional = EchoDiffPipeline(unet=unet, scheduler=plain.scheduler, conditions=spec)
+    conditional.set_progress_bar_config(disable=True)
+    rows = [c for c in CONTROLS if c.group == "Conditions"]
+    assert {c.name for c in rows} == {"conditions", "guidance_scale"}
+    assert all(c.supported(conditional) and not c.supported(plain) for c in rows)
+    assert "ef in [20, 80]" in describe(conditional, ModelKey("m")) and "phase one of ED, ES, other" in \
+        describe(conditional, ModelKey("m"))
+    assert named_conditions(" ef=35 , phase=ES ") == {"ef": 35.0, "phase": "ES"} and named_conditions("") == {}
+    with pytest.raises(ValueError, match="expected name=value pairs"):
+        named_conditions("ef 35")
+    values = {"s_churn": 2.0, "conditions": "ef=35, phase=ES", "guidance_scale": 2.0}
+    with pytest.raises(ValueError, match="needs named conditions"):
+        sampling_arguments(plain, STEPS, values)
+    arguments = sampling_arguments(conditional, STEPS, values)
+    assert arguments == {"num_inference_steps": STEPS, "s_churn": 2.0, "ef": 35.0, "phase": "ES",
+                         "guidance_scale": 2.0}
+    images = sample(conditional, [1, 2], arguments)
+    assert np.array_equal(images, reference(conditional, [1, 2], s_churn=2.0, ef=35.0, phase="ES",
+                                            guidance_scale=2.0))
+    assert not np.array_equal(images, reference(conditional, [1, 2], s_churn=2.0))  # not the null label
+    with pytest.raises(ValueError, match="ef=95 is outside the range"):  # the model's own check, one message
+        sample(conditional, [1], sampling_arguments(conditional, STEPS, {"conditions": "ef=95, phase=ES"}))
+    assert evaluations(conditional, STEPS, {"guidance_scale": 2.0}) == 2 * STEPS - 1
+
+
 def test_sampler_control_lists_the_pipelines_own_samplers_and_counts_their_nfe(plain):
     control = next(c for c in CONTROLS if c.name == "sampler")
     assert control.supported(plain) and tuple(control.choices(plain)) == plain.sampler_names()
