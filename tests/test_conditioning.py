@@ -192,12 +192,15 @@ def test_encoding_round_trips_and_bad_conditions_are_named():
         (dict(ef=[50.0, 60.0, 70.0], phase="ES"), r"ef= gives 3 values for 2 images"),
         (dict(guidance_scale=2.0), r"guidance_scale=2.0 guides towards the named conditions"),
         (dict(ef=50.0, phase="ES", guidance_scale=math.nan), r"guidance_scale must be a finite number"),
+        (dict(ef=50.0, phase="ES", guidance_scale="x"), r"guidance_scale must be a finite number, got 'x'"),
         (dict(ef=50.0, phase="ES", class_labels=torch.ones(2, 5)), r"either class_labels or named conditions"),
     ]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message) as error:
             pipe(**call, **kwargs)
-    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['view'\].*named conditions are \['ef', 'phase'\]"):
+        assert getattr(error.value, "user_input", False), kwargs  # a script's run_cli: one error line, exit 2
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['view'\].*named conditions are \['ef', 'phase'\]") as error:
         pipe(**call, view="A4C")
+    assert error.value.user_input
     unconditional = exact(torch.zeros(DIM))
     with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['ef'\].*no named conditions"):
         unconditional(**call, ef=50.0)

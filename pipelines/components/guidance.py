@@ -105,10 +105,27 @@ class Guidance:
         return self.denoiser.evaluation_counts()
 
 
+class CallArgumentError(ValueError):
+    """A pipeline call argument (guidance weight, sizes, labels, output type) that cannot be used; the message
+    names it."""
+
+    user_input = True  # a saved pipeline's code cannot import pipelines.errors: run_cli recognises this mark
+
+
+class UnexpectedArgumentError(TypeError):
+    """A call argument the pipeline does not take (neither a sampler override nor a named condition)."""
+
+    user_input = True
+
+
 def check_finite(**values: float) -> None:
     for name, value in values.items():
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        try:
+            finite = not isinstance(value, (str, bytes)) and math.isfinite(value)
+        except TypeError:  # e.g. a list or None: not a number at all
+            finite = False
+        if not finite:
+            raise CallArgumentError(f"{name} must be a finite number, got {value!r}")
 
 
 def _per_sample_view(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

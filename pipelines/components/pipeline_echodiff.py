@@ -35,11 +35,13 @@ from .conditioning import ConditionError, check_spec, describe, encode, label_di
 from .guidance import (
     DG_SIGMA_MIN,
     AutoGuidance,
+    CallArgumentError,
     ClassifierFreeGuidance,
     Denoiser,
     DiscriminatorGuidance,
     Evaluation,
     GuidanceInterval,
+    UnexpectedArgumentError,
 )
 from .preconditioning import EDMPreconditioning
 from .samplers import (
@@ -295,14 +297,14 @@ class EchoDiffPipeline(DiffusionPipeline):
 
     def check_inputs(self, output_type: str, callback_on_step_end_tensor_inputs, precision: str = "fp32") -> list[str]:
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+            raise CallArgumentError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            raise CallArgumentError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         tensor_inputs = ["latents"] if callback_on_step_end_tensor_inputs is None else list(
             callback_on_step_end_tensor_inputs)
         unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, "
+            raise CallArgumentError(f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, "
                              f"got {unknown}")
         return tensor_inputs
 
@@ -310,9 +312,9 @@ class EchoDiffPipeline(DiffusionPipeline):
         """(number of images, generator(s)); every way of giving the batch size must agree."""
         per_prompt = int(num_images_per_prompt)
         if per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+            raise CallArgumentError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         if seeds is not None and generator is not None:
-            raise ValueError("pass either generator or seeds, not both")
+            raise CallArgumentError("pass either generator or seeds, not both")
         sizes = {}
         if batch_size is not None:
             sizes["batch_size x num_images_per_prompt"] = int(batch_size) * per_prompt
@@ -322,10 +324,10 @@ class EchoDiffPipeline(DiffusionPipeline):
             if given is not None and not isinstance(given, torch.Generator):
                 sizes[f"len({name})"] = len(given)
         if len(set(sizes.values())) > 1:
-            raise ValueError(f"the number of images is given inconsistently: {sizes}")
+            raise CallArgumentError(f"the number of images is given inconsistently: {sizes}")
         count = next(iter(sizes.values()), per_prompt)
         if count < 1:
-            raise ValueError(f"the number of images must be >= 1, got {sizes}")
+            raise CallArgumentError(f"the number of images must be >= 1, got {sizes}")
         if seeds is not None:  # one generator per image, seeded as EDM does: a seed's image ignores its batch
             generator = [torch.Generator(device=device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
         return count, generator
@@ -337,7 +339,7 @@ class EchoDiffPipeline(DiffusionPipeline):
         label_dim = getattr(self.unet.config, "label_dim", 0) or 0
         spec = self.config.get("conditions")
         if conditions and class_labels is not None:
-            raise ValueError(f"pass either class_labels or named conditions {sorted(conditions)}, not both")
+            raise CallArgumentError(f"pass either class_labels or named conditions {sorted(conditions)}, not both")
         if spec and class_labels is None:
             if not conditions and not spec["label_dropout"]:
                 logger.warning("this model was trained without label dropout, so its null label (unconditional "
@@ -345,12 +347,12 @@ class EchoDiffPipeline(DiffusionPipeline):
             return encode(spec, conditions or {}, count).to(device)
         if class_labels is None:
             if label_dim:
-                raise ValueError(f"this network is conditional (label_dim={label_dim}): pass class_labels "
+                raise CallArgumentError(f"this network is conditional (label_dim={label_dim}): pass class_labels "
                                  f"(B, {label_dim})")
             return None
         labels = torch.as_tensor(class_labels, device=device, dtype=torch.float32)
         if labels.ndim != 2 or labels.shape[1] != label_dim:
-            raise ValueError(f"class_labels must have shape (B, {label_dim}), got {tuple(labels.shape)}")
+            raise CallArgumentError(f"class_labels must have shape (B, {label_dim}), got {tuple(labels.shape)}")
         return labels.repeat_interleave(int(num_images_per_prompt), dim=0)
 
     def sampler_settings(self, scheduler=None) -> list[str]:
@@ -379,7 +381,7 @@ class EchoDiffPipeline(DiffusionPipeline):
             if unknown:
                 named = (f"; this model's named conditions are {list(self.condition_names)}" if self.condition_names
                          else "; this pipeline has no named conditions")
-                raise TypeError(f"unexpected argument(s) {unknown}; sampler overrides are "
+                raise UnexpectedArgumentError(f"unexpected argument(s) {unknown}; sampler overrides are "
                                 f"{self.sampler_settings(scheduler)}{named}")
             scheduler = type(scheduler).from_config(scheduler.config, **overrides)
         return configure_for(scheduler, preconditioning)
@@ -403,7 +405,7 @@ class EchoDiffPipeline(DiffusionPipeline):
             return denoiser  # s = 1 is D_c itself: the null label is never evaluated
         spec = self.config.get("conditions")
         if not spec:
-            raise ValueError(f"guidance_scale={scale} needs a conditional pipeline with named conditions "
+            raise ConditionError(f"guidance_scale={scale} needs a conditional pipeline with named conditions "
                              "(config.conditions); this one has none (guidance_scale=1 is unguided)")
         if not bool(class_labels.any()):
             raise ConditionError(f"guidance_scale={scale} guides towards the named conditions: give "
@@ -418,12 +420,12 @@ class EchoDiffPipeline(DiffusionPipeline):
             return denoiser  # w = 1 is D_1 itself: the guide is not even needed
         guide_unet = self.guide_unet if guide_unet is None else guide_unet
         if guide_unet is None:
-            raise ValueError(f"ag_weight={weight} needs a guide network: this pipeline has no guide_unet (pass "
+            raise CallArgumentError(f"ag_weight={weight} needs a guide network: this pipeline has no guide_unet (pass "
                              "guide_unet=... or load a pipeline folder that holds one; ag_weight=1 is unguided)")
         for field in ("in_channels", "sample_size", "label_dim"):
             ours, theirs = getattr(self.unet.config, field, None), getattr(guide_unet.config, field, None)
             if ours != theirs:
-                raise ValueError(f"guide_unet must match the unet it guides: {field} is {theirs!r}, the unet's is {ours!r}")
+                raise CallArgumentError(f"guide_unet must match the unet it guides: {field} is {theirs!r}, the unet's is {ours!r}")
         guide = Denoiser(guide_unet, self.preconditioning, class_labels, name="guide_unet")
         return AutoGuidance(denoiser, guide, weight, interval)
 
@@ -433,7 +435,7 @@ class EchoDiffPipeline(DiffusionPipeline):
         if not (weight_first_order or weight_second_order):
             return denoiser  # DG off
         if boost_churn and not getattr(scheduler, "supports_sample_churn", False):
-            raise ValueError(f"dg_boost_churn needs per-sample churn in EDM's time parameterisation, which "
+            raise CallArgumentError(f"dg_boost_churn needs per-sample churn in EDM's time parameterisation, which "
                              f"{type(scheduler).__name__} with this config does not do")
         discriminator = self.discriminator if discriminator is None else discriminator
         if getattr(getattr(discriminator, "config", None), "feature_source", None) == "unet" and \
@@ -450,7 +452,7 @@ class EchoDiffPipeline(DiffusionPipeline):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            raise CallArgumentError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         # The sampler runs in float64, as EDM's does (MPS has no float64).
         return latents.to(device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
 
