@@ -162,8 +162,8 @@ def _train_stage(args, pipeline, disc_overrides: dict, accelerator) -> dict | No
 
 
 def _select_stage(args, pipeline, dg_kwargs: dict, accelerator) -> tuple[int, list[dict]]:
+    from pipelines.cli import parse_seeds
     from pipelines.data.frame_reader import load_frames
-    from pipelines.evaluation.generation import parse_seeds
     from pipelines.evaluation.protocol import DEFAULT_CACHE_DIR, dg_epoch_fid_scorer
     from pipelines.training import discriminator as dg
 

@@ -5,6 +5,10 @@ import argparse
 import copy
 import json
 import math
+import re
+from collections.abc import Iterable
+
+from pipelines.errors import UserInputError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -121,3 +125,31 @@ def weight_pair_list_arg(text: str) -> list[tuple[float, float]]:
             raise argparse.ArgumentTypeError(f"expected weight pairs A:B such as 2:1,3:2, got {part!r}") from err
         pairs.append((first, second))
     return pairs
+
+
+_SEED_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
+    """EDM-style seed lists: ``"0-49999"``, ``"1,2,5-10"``; ints and iterables pass through."""
+    if isinstance(spec, int):
+        return [spec]
+    if not isinstance(spec, str):
+        return [int(s) for s in spec]
+    seeds: list[int] = []
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        match = _SEED_RANGE.match(part)
+        if match:
+            first, last = int(match.group(1)), int(match.group(2))
+            if last < first:
+                raise UserInputError(f"seed range '{part.strip()}' ends before it starts")
+            seeds.extend(range(first, last + 1))
+        elif part.strip().isdigit():
+            seeds.append(int(part))
+        else:
+            raise UserInputError(f"seeds must look like '0-49999' or '1,2,5-10' (non-negative ints), got {spec!r}")
+    if not seeds:
+        raise UserInputError(f"seeds {spec!r} name no seed")
+    return seeds

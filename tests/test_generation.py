@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.evaluation.generation import generate_images, load_images, parse_seeds
+from pipelines.cli import parse_seeds
+from pipelines.evaluation.generation import generate_images, load_images
 from pipelines.utils import save_image_grid
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.cli import parse_seeds
 from pipelines.components.conditioning import check_spec, decode, encode, label_dim
 from pipelines.data.conditions import condition_column
 from pipelines.evaluation.distribution_shift import fingerprint_arrays
-from pipelines.evaluation.generation import generate_images, load_images, parse_seeds
+from pipelines.evaluation.generation import generate_images, load_images
 from pipelines.utils import atomic_write_json, atomic_write_text, jsonable, setting_differences, to_float
 
 PREDICTOR_DIR = "predictor"

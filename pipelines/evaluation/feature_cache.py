@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.cli import parse_seeds
 from pipelines.errors import UserInputError
 from pipelines.evaluation.fid import (
     DETECTOR_ID,
@@ -32,7 +33,7 @@ from pipelines.evaluation.fid import (
     StreamingStatistics,
     compute_features,
 )
-from pipelines.evaluation.generation import SHARD_GLOB, parse_seeds, read_shard
+from pipelines.evaluation.generation import SHARD_GLOB, read_shard
 from pipelines.utils import (
     atomic_save_npy,
     atomic_write_json,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,37 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.cli import parse_seeds
 from pipelines.errors import NonFiniteError, UserInputError
 from pipelines.utils import atomic_save_npz, atomic_write_json, jsonable, setting_differences, to_uint8
 
 SHARD_GLOB = "shard-*.npz"
 RUN_FILE = "generation.json"
-_SEED_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
-
-
-def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
-    """EDM-style seed lists: ``"0-49999"``, ``"1,2,5-10"``; ints and iterables pass through."""
-    if isinstance(spec, int):
-        return [spec]
-    if not isinstance(spec, str):
-        return [int(s) for s in spec]
-    seeds: list[int] = []
-    for part in spec.split(","):
-        if not part.strip():
-            continue
-        match = _SEED_RANGE.match(part)
-        if match:
-            first, last = int(match.group(1)), int(match.group(2))
-            if last < first:
-                raise UserInputError(f"seed range '{part.strip()}' ends before it starts")
-            seeds.extend(range(first, last + 1))
-        elif part.strip().isdigit():
-            seeds.append(int(part))
-        else:
-            raise UserInputError(f"seeds must look like '0-49999' or '1,2,5-10' (non-negative ints), got {spec!r}")
-    if not seeds:
-        raise UserInputError(f"seeds {spec!r} name no seed")
-    return seeds
 
 
 def read_shard(path: Path, key: str | None = None) -> Any:

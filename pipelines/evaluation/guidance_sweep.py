@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.evaluation.generation import finished_seeds, generate_images, parse_seeds
+from pipelines.cli import parse_seeds
+from pipelines.evaluation.generation import finished_seeds, generate_images
 from pipelines.evaluation.protocol import fid_of_samples
 from pipelines.utils import atomic_write_json, atomic_write_text
 

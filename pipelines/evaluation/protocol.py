@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.cli import parse_seeds
 from pipelines.evaluation.feature_cache import (
     CHUNK_SIZE,
     dataset_features,
@@ -38,7 +39,7 @@ from pipelines.evaluation.fid import (
     frechet_distance,
     kernel_inception_distance,
 )
-from pipelines.evaluation.generation import SHARD_GLOB, generate_images, parse_seeds, read_shard
+from pipelines.evaluation.generation import SHARD_GLOB, generate_images, read_shard
 from pipelines.evaluation.reference import (
     FeatureStatistics,
     real_subsample_indices,

@@ -28,9 +28,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipelines.cli import parse_seeds
 from pipelines.data.frame_builder import encode_png, prepare_dataset_repo
 from pipelines.data.layout import FILELIST_COLUMNS, TRACING_COLUMNS, frame_features
-from pipelines.evaluation.generation import SHARD_GLOB, parse_seeds
+from pipelines.evaluation.generation import SHARD_GLOB
 from pipelines.utils import atomic_write, atomic_write_text
 
 # FileList column -> shard label names that fill it (first present wins). Conditional generation (EF, phase, ...)

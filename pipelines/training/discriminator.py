@@ -489,7 +489,7 @@ def write_guided_pipeline_card(folder: Path, pipeline, dg_settings: dict, select
     """The DG pipeline's card: the exported epoch's FID (over the selection's seeds, against ``reference``),
     a grid of DG samples, the DG section; the training data's terms come from ``training_dataset``."""
     from pipelines import hub
-    from pipelines.evaluation.generation import parse_seeds
+    from pipelines.cli import parse_seeds
     from pipelines.utils import to_uint8
 
     exported, metric = selection.get("exported_epoch"), selection.get("metric", "FID")
