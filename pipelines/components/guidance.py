@@ -132,59 +132,56 @@ def _per_sample_view(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-class ClassifierFreeGuidance(Guidance):
-    """D = D_u + s (D_c - D_u) on the evaluations whose sigma is inside ``interval``; D_c elsewhere.
+class ExtrapolatingGuidance(Guidance):
+    """D = D_ref + w (D - D_ref) on the evaluations whose sigma is inside ``interval``; D elsewhere.
 
-    D_c is the wrapped denoiser (the network under the requested labels), D_u ``unconditional``: the same
-    network under the null label (what label dropout trained). s = 1 is D_c alone and D_u is never run.
+    D is the wrapped denoiser, D_ref ``reference``; w = 1 is D alone and D_ref is then never evaluated.
+    Classifier-free guidance and autoguidance are this formula with different references.
     """
+
+    weight_name = "weight"  # the call argument named in errors
+
+    def __init__(self, denoiser, reference, weight: float, interval: GuidanceInterval):
+        check_finite(**{self.weight_name: weight})
+        super().__init__(denoiser)
+        self.reference, self.weight, self.interval = reference, float(weight), interval
+
+    def __call__(self, x: torch.Tensor, sigma, evaluation: Evaluation) -> torch.Tensor:
+        d = self.denoiser(x, sigma, evaluation)
+        inside = self.interval.contains(per_sample(sigma, x.shape[0], x.device))
+        if self.weight == 1 or not bool(inside.any()):
+            return d
+        d_ref = self.reference(x, sigma, evaluation).to(d.dtype)
+        guided = d_ref + self.weight * (d - d_ref)
+        return torch.where(_per_sample_view(inside, guided), guided, d)
+
+    def evaluation_counts(self) -> dict[str, int]:
+        return {**super().evaluation_counts(), **self.reference.evaluation_counts()}
+
+
+class ClassifierFreeGuidance(ExtrapolatingGuidance):
+    """D = D_u + s (D_c - D_u): D_c the network under the requested labels (the wrapped denoiser), D_u
+    ``unconditional``, the same network under the null label (what label dropout trained)."""
+
+    weight_name = "guidance_scale"
 
     def __init__(self, denoiser, unconditional, scale: float = 1.0,
                  interval: GuidanceInterval = GuidanceInterval(name="cfg")):
-        check_finite(guidance_scale=scale)
-        super().__init__(denoiser)
-        self.unconditional, self.scale, self.interval = unconditional, float(scale), interval
-
-    def __call__(self, x: torch.Tensor, sigma, evaluation: Evaluation) -> torch.Tensor:
-        d_c = self.denoiser(x, sigma, evaluation)
-        inside = self.interval.contains(per_sample(sigma, x.shape[0], x.device))
-        if self.scale == 1 or not bool(inside.any()):
-            return d_c
-        d_u = self.unconditional(x, sigma, evaluation).to(d_c.dtype)
-        guided = d_u + self.scale * (d_c - d_u)
-        return torch.where(_per_sample_view(inside, guided), guided, d_c)
-
-    def evaluation_counts(self) -> dict[str, int]:
-        return {**super().evaluation_counts(), **self.unconditional.evaluation_counts()}
+        super().__init__(denoiser, unconditional, scale, interval)
 
 
-class AutoGuidance(Guidance):
-    """D_w = D_0 + w (D_1 - D_0) on the evaluations whose sigma is inside ``interval``; D_1 elsewhere.
+class AutoGuidance(ExtrapolatingGuidance):
+    """D_w = D_0 + w (D_1 - D_0): D_1 the main model (the wrapped denoiser), D_0 ``guide``, a denoiser of the
+    same data and preconditioning that is worse in the same ways (smaller and/or trained for less); w > 1
+    pushes samples away from the guide's errors."""
 
-    D_1 is the wrapped denoiser (the main model), D_0 ``guide``: a denoiser of the same data and
-    preconditioning that is worse in the same ways (smaller and/or trained for less). w = 1 is the main
-    model alone, and the guide is then never evaluated; w > 1 pushes samples away from the guide's errors.
-    """
+    weight_name = "ag_weight"
 
     def __init__(self, denoiser, guide, weight: float = 1.0, interval: GuidanceInterval = GuidanceInterval(name="ag")):
-        check_finite(ag_weight=weight)
-        super().__init__(denoiser)
-        self.guide, self.weight, self.interval = guide, float(weight), interval
+        super().__init__(denoiser, guide, weight, interval)
 
-    def __call__(self, x: torch.Tensor, sigma, evaluation: Evaluation) -> torch.Tensor:
-        d_1 = self.denoiser(x, sigma, evaluation)
-        inside = self.interval.contains(per_sample(sigma, x.shape[0], x.device))
-        if self.weight == 1 or not bool(inside.any()):
-            return d_1
-        d_0 = self.guide(x, sigma, evaluation).to(d_1.dtype)
-        d_w = d_0 + self.weight * (d_1 - d_0)
-        return torch.where(_per_sample_view(inside, d_w), d_w, d_1)
-
-    def networks(self) -> list:
-        return [*super().networks(), *self.guide.networks()]
-
-    def evaluation_counts(self) -> dict[str, int]:
-        return {**super().evaluation_counts(), **self.guide.evaluation_counts()}
+    def networks(self) -> list:  # the guide is another network (CFG's reference is the same one)
+        return [*super().networks(), *self.reference.networks()]
 
 
 def discriminator_logits(output) -> torch.Tensor:
