@@ -95,26 +95,8 @@ def float_list_arg(text: str) -> list[float]:
     return values
 
 
-def interval_list_arg(text: str) -> list[tuple[float, float]]:
-    """A comma list of sigma intervals LO:HI, e.g. '0:inf,0.28:5.42' (HI may be inf)."""
-    intervals = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            low, high = (float(v) for v in part.split(":"))
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected sigma intervals LO:HI such as 0:inf,0.28:5.42, got {part!r}") from err
-        if not 0 <= low <= high:
-            raise argparse.ArgumentTypeError(f"interval {part!r} needs 0 <= LO <= HI")
-        intervals.append((low, high))
-    if not intervals:
-        raise argparse.ArgumentTypeError(f"expected at least one interval LO:HI, got {text!r}")
-    return intervals
-
-
-def weight_pair_list_arg(text: str) -> list[tuple[float, float]]:
-    """A comma list of A:B weight pairs, e.g. '2:1,3:2' (autoguidance:DG)."""
+def _colon_pairs(text: str, expected: str) -> list[tuple[float, float]]:
+    """'A:B,C:D' -> [(A, B), (C, D)]; ``expected`` (e.g. 'sigma intervals LO:HI such as 0:inf') in errors."""
     pairs = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -122,8 +104,27 @@ def weight_pair_list_arg(text: str) -> list[tuple[float, float]]:
         try:
             first, second = (float(v) for v in part.split(":"))
         except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected weight pairs A:B such as 2:1,3:2, got {part!r}") from err
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {part!r}") from err
         pairs.append((first, second))
+    if not pairs:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return pairs
+
+
+def interval_list_arg(text: str) -> list[tuple[float, float]]:
+    """A comma list of sigma intervals LO:HI, e.g. '0:inf,0.28:5.42' (HI may be inf)."""
+    intervals = _colon_pairs(text, "sigma intervals LO:HI such as 0:inf,0.28:5.42")
+    for low, high in intervals:
+        if not 0 <= low <= high:
+            raise argparse.ArgumentTypeError(f"interval {low:g}:{high:g} needs 0 <= LO <= HI")
+    return intervals
+
+
+def weight_pair_list_arg(text: str) -> list[tuple[float, float]]:
+    """A comma list of A:B weight pairs, e.g. '2:1,3:2' (autoguidance:DG)."""
+    pairs = _colon_pairs(text, "weight pairs A:B such as 2:1,3:2")
+    if not all(math.isfinite(v) for pair in pairs for v in pair):
+        raise argparse.ArgumentTypeError(f"expected finite weight pairs A:B, got {text!r}")
     return pairs
 
 

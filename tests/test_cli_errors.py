@@ -3,6 +3,7 @@
 
 import argparse
 import importlib
+import math
 import re
 import subprocess
 import sys
@@ -258,3 +259,17 @@ def test_pip_builds_a_wheel_of_the_pipelines_package(tmp_path):
     assert modules <= names
     assert {name.split("/")[0] for name in names} == {"pipelines", wheel.name.split("-py3")[0] + ".dist-info"}
     assert "Requires-Dist: diffusers" in metadata
+
+
+def test_colon_pair_flags_read_pairs_and_name_what_they_expect():
+    from pipelines.cli import interval_list_arg, weight_pair_list_arg
+
+    assert interval_list_arg("0:inf, 0.28:5.42") == [(0.0, math.inf), (0.28, 5.42)]
+    assert weight_pair_list_arg("2:1,3:2") == [(2.0, 1.0), (3.0, 2.0)]
+    for parse, text, message in [(interval_list_arg, "5:1", "needs 0 <= LO <= HI"),
+                                 (interval_list_arg, ",", "expected sigma intervals LO:HI"),
+                                 (interval_list_arg, "0:1:2", "expected sigma intervals LO:HI"),
+                                 (weight_pair_list_arg, "2", "expected weight pairs A:B"),
+                                 (weight_pair_list_arg, "nan:1", "expected finite weight pairs")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)
